@@ -1,0 +1,33 @@
+"""emakit: exponential moving averages of model weights -- fast, exact, and safe to resume.
+
+    >>> import numpy as np
+    >>> import emakit
+    >>> weights = {"w": np.zeros(2)}
+    >>> ema = emakit.EMA(weights, half_life=10)
+    >>> weights["w"] += 1.0
+    >>> ema.update()
+    True
+    >>> ema.averaged()["w"].round(4)
+    array([0.067, 0.067])
+
+``import emakit`` imports neither torch nor numpy; each comes in when first used.
+"""
+
+from emakit import schedules
+from emakit.ema import EMA, FORMAT_VERSION, LoadResult
+from emakit.errors import EMAWarning, StateDictError, SwapError
+from emakit.policy import Policy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMA",
+    "FORMAT_VERSION",
+    "EMAWarning",
+    "LoadResult",
+    "Policy",
+    "StateDictError",
+    "SwapError",
+    "__version__",
+    "schedules",
+]

@@ -1,0 +1,123 @@
+"""Array backends: the arithmetic of the engine for numpy arrays and torch tensors.
+
+The engine (:mod:`emakit.ema`) never touches array arithmetic itself; it calls one
+:class:`Backend`, chosen from the type of the source's tensors. The torch backend is imported only
+when the source holds torch tensors, so ``import emakit`` never imports torch.
+
+Every backend implements the same update, ``shadow <- lerp(shadow, source, w)`` with ``w = 1 - d``,
+with the rounding of ``torch.lerp`` (see ``docs/math.md``), in two ways: a grouped fast path and a
+plain per-tensor loop, which must give bitwise the same numbers.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+__all__ = ["Backend", "Plan", "TensorInfo", "backend_for", "backend_named"]
+
+
+class TensorInfo(NamedTuple):
+    """What the engine needs to know about one tensor, backend-independent."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    floating: bool
+
+
+class Plan(Protocol):
+    """A prepared update for a fixed list of shadows (rebuilt when the sources' layout changes)."""
+
+    def lerp_(self, sources: Sequence[Any], weight: float) -> None:
+        """In place, for each i: ``shadows[i] <- lerp(shadows[i], sources[i], weight)``."""
+
+
+class Backend(Protocol):
+    """The operations the engine needs from an array library."""
+
+    name: str
+
+    def is_tensor(self, x: object) -> bool:
+        """True if ``x`` is this backend's array type."""
+
+    def info(self, x: Any) -> TensorInfo:
+        """Shape, dtype name, device name and whether ``x`` is floating point."""
+
+    def signature(self, xs: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """A cheap comparable description of the layout (shape, dtype, device) of ``xs``."""
+
+    def resolve_dtype(self, spec: object) -> Any:
+        """The native floating dtype for a user's ``dtype=`` argument."""
+
+    def shadow_dtype(self, x: Any, override: Any) -> Any:
+        """The dtype of the shadow of floating tensor ``x`` (fp32 for half types by default)."""
+
+    def allocate(self, sources: Sequence[Any], dtypes: Sequence[Any], device: object,
+                 zeros: bool) -> list[Any]:
+        """New shadows: copies of ``sources`` (or zeros) in ``dtypes`` on ``device``."""
+
+    def plan(self, shadows: Sequence[Any], sources: Sequence[Any], *, fast: bool) -> Plan:
+        """Prepare the lerp of ``sources`` into ``shadows`` (grouped when ``fast``)."""
+
+    def copy_(self, dsts: Sequence[Any], srcs: Sequence[Any]) -> None:
+        """In place ``dsts[i] <- srcs[i]``, casting dtype and moving device as needed."""
+
+    def new_counters(self, shadows: Sequence[Any]) -> Any:
+        """Zeroed skip counters, one per shadow."""
+
+    def guarded_update_(self, shadows: Sequence[Any], sources: Sequence[Any], weight: float | None,
+                        counters: Any) -> None:
+        """Lerp (or copy when ``weight is None``) only the sources that are all finite, counting
+        the skipped ones in ``counters``; no host/device sync."""
+
+    def counts(self, counters: Any) -> list[int]:
+        """The counter values as Python ints (may synchronise)."""
+
+    def scaled(self, xs: Sequence[Any], divisor: float) -> list[Any]:
+        """New arrays ``xs[i] / divisor`` in the dtype of ``xs[i]``."""
+
+    def clone(self, x: Any, device: object = None) -> Any:
+        """A copy of ``x`` (on ``device`` when given)."""
+
+    def can_alias(self, target: Any, value: Any) -> bool:
+        """True if ``target`` can be re-pointed at ``value``'s memory (a pointer swap)."""
+
+    def repoint(self, target: Any, value: Any) -> Any:
+        """Make ``target`` use ``value``'s memory; return the memory it used before."""
+
+    def as_native(self, x: object, name: str) -> Any:
+        """Convert a state tensor (possibly of the other backend) to this backend's type."""
+
+
+def _torch_backend() -> Backend:
+    from emakit.backends import torch as torch_backend
+
+    return torch_backend.BACKEND
+
+
+def _numpy_backend() -> Backend:
+    from emakit.backends import numpy as numpy_backend
+
+    return numpy_backend.BACKEND
+
+
+def backend_named(name: str) -> Backend:
+    """The backend called ``"numpy"`` or ``"torch"``."""
+    if name == "numpy":
+        return _numpy_backend()
+    if name == "torch":
+        return _torch_backend()
+    raise ValueError(f"unknown backend {name!r}; known: 'numpy', 'torch'.")
+
+
+def backend_for(x: object) -> Backend | None:
+    """The backend whose array type ``x`` is, or None. Imports torch only if it is loaded."""
+    torch_mod = sys.modules.get("torch")
+    if torch_mod is not None and isinstance(x, torch_mod.Tensor):
+        return _torch_backend()
+    numpy_backend = _numpy_backend()
+    if numpy_backend.is_tensor(x):
+        return numpy_backend
+    return None

@@ -1,0 +1,740 @@
+"""The EMA engine: an exponential moving average of named tensors.
+
+After each optimizer step ``t`` the engine folds the weights ``w_t`` into the shadow,
+
+    ema_t = d_t * ema_{t-1} + (1 - d_t) * w_t = lerp(ema_{t-1}, w_t, 1 - d_t),
+
+and when it last updated at step ``s < t`` (``every=k``, gradient accumulation) it applies the
+decay over the whole interval, ``D = prod_{u=s+1}^{t} d_u`` (``d ** k`` for a constant decay), so
+the averaging window in optimizer steps does not change. With ``init="zeros"`` the shadow starts
+at zero and every read divides by ``1 - prod(all d)`` (bias correction, as in Adam). Equations
+and sources: ``docs/math.md``.
+
+Example:
+    >>> import numpy as np
+    >>> import emakit
+    >>> params = {"w": np.array([1.0, 2.0, 3.0])}
+    >>> ema = emakit.EMA(params, decay=0.9)
+    >>> params["w"] -= 1.0          # an optimizer step
+    >>> ema.update()
+    True
+    >>> ema.averaged()["w"]          # 0.9 * [1, 2, 3] + 0.1 * [0, 1, 2]
+    array([0.9, 1.9, 2.9])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import warnings
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple
+
+from emakit import schedules
+from emakit.backends import Backend, Plan, backend_for
+from emakit.errors import EMAWarning, StateDictError, SwapError
+from emakit.policy import Action, Policy
+from emakit.sources import Entry, Source, as_source
+
+__all__ = ["EMA", "FORMAT_VERSION", "LoadResult"]
+
+FORMAT_VERSION = 1
+"""Version of the layout of :meth:`EMA.state_dict`; bumped on any incompatible change."""
+
+_STATE_KEYS = ("format_version", "backend", "step", "last_update_step", "num_updates",
+               "decay_product", "init", "every", "decay", "policy", "actions", "shadows")
+_HALF_EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
+
+
+class LoadResult(NamedTuple):
+    """What :meth:`EMA.load_state_dict` found.
+
+    Attributes:
+        missing: names this EMA tracks that the state did not hold (kept as they were).
+        unexpected: names in the state that this EMA does not track (ignored).
+        changed: setting -> ``(saved, current)`` for settings that differ; the current ones stay
+            in force (saved hyperparameters are reported, never silently applied).
+    """
+
+    missing: list[str]
+    unexpected: list[str]
+    changed: dict[str, tuple[Any, Any]]
+
+
+def _resolve_schedule(decay: object, half_life: object) -> schedules.Schedule:
+    if half_life is not None:
+        if decay is not None:
+            raise ValueError(
+                f"give either decay or half_life, not both (got decay={decay!r}, "
+                f"half_life={half_life!r}). Example: EMA(model, half_life=2000)."
+            )
+        return schedules.Constant.from_half_life(half_life)  # type: ignore[arg-type]
+    if decay is None:
+        return schedules.Constant(0.999)
+    if isinstance(decay, schedules.Schedule):
+        return decay
+    if isinstance(decay, numbers.Real):  # Constant rejects bool with a clear message
+        return schedules.Constant(decay)  # type: ignore[arg-type]
+    raise TypeError(
+        f"decay must be a float in [0, 1] or a schedule from emakit.schedules, got {decay!r} of "
+        f"type {type(decay).__name__}. Examples: decay=0.999, half_life=2000, "
+        "decay=emakit.schedules.InverseGamma(max_decay=0.9999)."
+    )
+
+
+def _int_option(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}.")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+class EMA:
+    """An exponential moving average ("shadow weights") of a model's weights.
+
+    Args:
+        source: an ``nn.Module`` (its parameters and persistent buffers, by name), a mapping
+            ``name -> tensor`` (torch or numpy), or an iterable of ``(name, tensor)`` pairs.
+        decay: a float in [0, 1] or a :mod:`emakit.schedules` schedule (default 0.999).
+        half_life: instead of ``decay``: the number of optimizer steps after which a past
+            weight's share of the average halves.
+        every: update only on every ``every``-th optimizer step, applying the decay of all the
+            steps in between (the window in steps is unchanged).
+        init: ``"copy"`` (the shadow starts as the current weights) or ``"zeros"`` (starts at
+            zero; reads are bias-corrected).
+        dtype: shadow dtype of floating tensors; default float32 for 16-bit sources, else the
+            source's own (float64 stays float64). Integer and bool tensors are always copied.
+        device: where the shadows live (e.g. ``"cpu"`` to spare accelerator memory).
+        policy: a :class:`~emakit.Policy`: which tensors are averaged, copied or skipped.
+        skip_nonfinite: guard the average against NaN/Inf: a source tensor that is not all
+            finite leaves its shadow unchanged for that update, and the skip is counted
+            (:meth:`nonfinite_skips`). Costs one ``isfinite`` pass and a temporary per tensor.
+        foreach: use the grouped fast path (default); ``False`` runs the plain per-tensor loop,
+            which gives bitwise the same numbers.
+        step: the optimizer step the current weights belong to (for an EMA started mid-run).
+
+    Raises:
+        TypeError, ValueError: for a bad argument, naming it and the valid values.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        decay: float | schedules.Schedule | None = None,
+        *,
+        half_life: float | None = None,
+        every: int = 1,
+        init: Literal["copy", "zeros"] = "copy",
+        dtype: Any = None,
+        device: Any = None,
+        policy: Policy | None = None,
+        skip_nonfinite: bool = False,
+        foreach: bool = True,
+        step: int = 0,
+    ) -> None:
+        self._schedule = _resolve_schedule(decay, half_life)
+        self._every = _int_option("every", every, 1)
+        if init not in ("copy", "zeros"):
+            raise ValueError(f"init must be 'copy' or 'zeros', got {init!r}.")
+        self._init: str = init
+        if policy is None:
+            policy = Policy()
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be an emakit.Policy, got {type(policy).__name__}.")
+        self._policy = policy
+        self._guard = bool(skip_nonfinite)
+        self._foreach = bool(foreach)
+        self._source: Source = as_source(source)
+        entries = self._source.entries()
+        self._backend = self._pick_backend(entries)
+        override = None if dtype is None else self._backend.resolve_dtype(dtype)
+        self._device = device
+        self._actions: dict[str, Action] = {}
+        avg: list[Entry] = []
+        cpy: list[Entry] = []
+        for e in entries:
+            info = self._backend.info(e.tensor)
+            action = policy.action(e.name, floating=info.floating, buffer=e.buffer,
+                                   requires_grad=e.requires_grad)
+            if action != "skip":
+                self._actions[e.name] = action
+                (avg if action == "average" else cpy).append(e)
+        if not self._actions:
+            raise ValueError(
+                f"the EMA tracks no tensor: the source has {len(entries)} tensors and the policy "
+                f"{policy!r} skips all of them. Loosen include/exclude."
+            )
+        self._avg_names = [e.name for e in avg]
+        self._copy_names = [e.name for e in cpy]
+        self._names = self._avg_names + self._copy_names
+        self._avg_dtypes = [self._backend.shadow_dtype(e.tensor, override) for e in avg]
+        self._warn_if_stalling(override)
+        self._start = _int_option("step", step, 0)
+        self._avg_shadows: list[Any] = []
+        self._copy_shadows: list[Any] = []
+        self._allocate(avg, cpy)
+        self._reset_counters(self._start)
+        self._counters = self._backend.new_counters(self._avg_shadows + self._copy_shadows)
+        self._plan: Plan | None = None
+        self._signature: list[Any] | None = None
+        self._swap: list[tuple[Any, Any, bool]] | None = None
+        self._stored: list[Any] | None = None
+
+    # ----------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _pick_backend(entries: list[Entry]) -> Backend:
+        if not entries:
+            raise ValueError("the source holds no tensors; give a model or a non-empty mapping.")
+        backend = backend_for(entries[0].tensor)
+        for e in entries:
+            b = backend_for(e.tensor)
+            if b is None:
+                raise TypeError(
+                    f"source entry {e.name!r} is a {type(e.tensor).__name__}, not a torch tensor "
+                    "or numpy array."
+                )
+            if b is not backend:
+                raise TypeError(
+                    f"source mixes array types: {entries[0].name!r} is "
+                    f"{type(entries[0].tensor).__name__} but {e.name!r} is "
+                    f"{type(e.tensor).__name__}. Use one array library per EMA."
+                )
+        assert backend is not None  # the loop above raised otherwise
+        return backend
+
+    def _allocate(self, avg: list[Entry], cpy: list[Entry]) -> None:
+        b = self._backend
+        zeros = self._init == "zeros"
+        self._avg_shadows = b.allocate([e.tensor for e in avg], self._avg_dtypes, self._device,
+                                       zeros)
+        self._copy_shadows = b.allocate([e.tensor for e in cpy],
+                                        [e.tensor.dtype for e in cpy], self._device, False)
+
+    def _reset_counters(self, step: int) -> None:
+        self._step = step
+        self._last_update_step = step
+        self._num_updates = 0
+        self._decay_product = 1.0
+        self._last_decay: float | None = None
+
+    def _warn_if_stalling(self, override: Any) -> None:
+        if override is None:
+            return
+        eps = _HALF_EPS.get(str(override).removeprefix("torch."))
+        late = self._schedule(1_000_000)
+        if eps is not None and 1.0 - late < eps:
+            warnings.warn(
+                f"a {override} shadow with decay {late:g} stalls: an update moves it by "
+                f"(1 - decay) = {1 - late:.2g} of the gap to the weights, below the dtype's "
+                f"resolution {eps:.2g}, so small changes are rounded away. Leave dtype unset "
+                "(fp32 shadow) or use a smaller decay.",
+                EMAWarning,
+                stacklevel=3,
+            )
+
+    # ---------------------------------------------------------------------------- read-only
+    @property
+    def schedule(self) -> schedules.Schedule:
+        """The decay schedule (a :class:`~emakit.schedules.Constant` for a float decay)."""
+        return self._schedule
+
+    @property
+    def step(self) -> int:
+        """The last optimizer step seen by :meth:`update`."""
+        return self._step
+
+    @property
+    def num_updates(self) -> int:
+        """How many times the shadows were updated."""
+        return self._num_updates
+
+    @property
+    def last_decay(self) -> float | None:
+        """The decay applied by the last update (over its whole interval), None before any."""
+        return self._last_decay
+
+    @property
+    def every(self) -> int:
+        """Update on every ``every``-th optimizer step."""
+        return self._every
+
+    @property
+    def actions(self) -> Mapping[str, Action]:
+        """Tracked name -> ``"average"`` or ``"copy"`` (skipped names are absent)."""
+        return MappingProxyType(self._actions)
+
+    @property
+    def shadows(self) -> Mapping[str, Any]:
+        """Tracked name -> raw shadow tensor (before bias correction for ``init="zeros"``)."""
+        return MappingProxyType(dict(zip(self._names, self._avg_shadows + self._copy_shadows)))
+
+    def decay_at(self, step: int) -> float:
+        """The per-step decay the schedule gives at optimizer step ``step``."""
+        return self._schedule(step)
+
+    def __repr__(self) -> str:
+        n_avg, n_copy = len(self._avg_names), len(self._copy_names)
+        return (
+            f"EMA({self._backend.name}, tensors={n_avg + n_copy} ({n_avg} averaged, {n_copy} "
+            f"copied), decay={self._schedule!r}, every={self._every}, init={self._init!r}, "
+            f"step={self._step}, updates={self._num_updates})"
+        )
+
+    # ------------------------------------------------------------------------------- update
+    def _next_step(self, step: object) -> int | None:
+        if step is None:
+            return self._step + 1
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(
+                f"step must be an int (the optimizer step count), got {step!r} of type "
+                f"{type(step).__name__}."
+            )
+        t = int(step)
+        if t == self._step:
+            return None  # same optimizer step again (gradient accumulation): nothing to do
+        if t < self._step:
+            raise ValueError(
+                f"step={t} is behind the EMA's step {self._step}: steps must increase. After "
+                "restarting from a checkpoint, load the EMA's saved state with "
+                "ema.load_state_dict(...) so its step matches."
+            )
+        return t
+
+    def _fetch(self) -> tuple[list[Any], list[Any]]:
+        avg = self._source.fetch(self._avg_names)
+        cpy = self._source.fetch(self._copy_names) if self._copy_names else []
+        try:
+            signature = self._backend.signature(avg + cpy)
+        except AttributeError:
+            signature = None
+        if signature is None or signature != self._signature:
+            self._validate(avg + cpy)
+            self._signature = signature
+            self._plan = None
+        return avg, cpy
+
+    def _validate(self, tensors: list[Any]) -> None:
+        b = self._backend
+        for name, tensor, shadow in zip(self._names, tensors,
+                                        self._avg_shadows + self._copy_shadows):
+            if not b.is_tensor(tensor):
+                raise TypeError(
+                    f"source tensor {name!r} is now a {type(tensor).__name__}; the EMA was made "
+                    f"for {b.name} tensors. Keep the source's entries as {b.name} tensors."
+                )
+            have, want = b.info(tensor).shape, b.info(shadow).shape
+            if have != want:
+                raise ValueError(
+                    f"source tensor {name!r} has shape {have} but its shadow has shape {want}. "
+                    "If the model was resized, create a new EMA for it."
+                )
+
+    def update(self, step: int | None = None) -> bool:
+        """Fold the current weights into the average (call after ``optimizer.step()``).
+
+        Args:
+            step: the optimizer step count after this step (1 after the first). When given, the
+                decay of every step since the last update is applied (exact for skipped steps)
+                and a repeated step is a no-op; when omitted, each call counts as one step.
+
+        Returns:
+            True if the shadows changed, False if this step was skipped (``every``) or repeated.
+
+        Raises:
+            SwapError: while the EMA weights are swapped into the model.
+            ValueError: if ``step`` goes backwards or a source tensor changed shape.
+        """
+        if self._swap is not None:
+            raise SwapError(
+                "update() called while the EMA weights are swapped into the model: it would "
+                "average the EMA with itself. Leave the swapped() block (or call restore()) "
+                "before the next training step."
+            )
+        t = self._next_step(step)
+        if t is None:
+            return False
+        if t % self._every:
+            self._step = t
+            return False
+        decay = self._schedule.interval(self._last_update_step, t)
+        if self._num_updates == 0 and t - self._last_update_step > self._every:
+            warnings.warn(
+                f"the first update at step {t} applies the decay of {t - self._last_update_step}"
+                f" steps since the EMA was created at step {self._last_update_step}. If the EMA "
+                f"starts mid-run, create it with EMA(..., step={t - 1}).",
+                EMAWarning,
+                stacklevel=2,
+            )
+        avg, cpy = self._fetch()
+        weight = 1.0 - decay
+        if self._guard:
+            n = len(avg)
+            self._backend.guarded_update_(self._avg_shadows, avg, weight, self._counters[:n])
+            self._backend.guarded_update_(self._copy_shadows, cpy, None, self._counters[n:])
+        else:
+            if self._plan is None:
+                self._plan = self._backend.plan(self._avg_shadows, avg, fast=self._foreach)
+            self._plan.lerp_(avg, weight)
+            self._backend.copy_(self._copy_shadows, cpy)
+        self._step = t
+        self._last_update_step = t
+        self._num_updates += 1
+        self._decay_product *= decay
+        self._last_decay = decay
+        return True
+
+    def attach(self, optimizer: Any) -> Any:
+        """Update after every ``optimizer.step()`` via the optimizer's post-step hook.
+
+        Args:
+            optimizer: a ``torch.optim.Optimizer``.
+
+        Returns:
+            A handle; ``handle.remove()`` detaches the EMA.
+        """
+        register = getattr(optimizer, "register_step_post_hook", None)
+        if register is None:
+            raise TypeError(
+                f"attach() needs a torch.optim.Optimizer (with register_step_post_hook), got "
+                f"{type(optimizer).__name__}. Otherwise call ema.update() after each step."
+            )
+
+        def hook(opt: Any, args: Any, kwargs: Any) -> None:
+            self.update()
+
+        return register(hook)
+
+    def nonfinite_skips(self) -> dict[str, int]:
+        """Name -> how many updates skipped that tensor because it held NaN/Inf (guard only)."""
+        return dict(zip(self._names, self._backend.counts(self._counters)))
+
+    # ---------------------------------------------------------------------- using the average
+    def _divisor(self) -> float | None:
+        if self._init != "zeros" or self._decay_product == 0.0:
+            return None
+        if self._num_updates == 0:
+            raise SwapError(
+                "an EMA with init='zeros' has no average before its first update (it would be "
+                "all zeros). Call update() first."
+            )
+        return 1.0 - self._decay_product
+
+    def _values(self) -> list[Any]:
+        divisor = self._divisor()
+        avg = self._avg_shadows
+        if divisor is not None:
+            avg = self._backend.scaled(avg, divisor)
+        return avg + self._copy_shadows
+
+    def averaged(self) -> dict[str, Any]:
+        """Name -> the averaged weights (bias-corrected for ``init="zeros"``).
+
+        The tensors are the shadows themselves unless bias correction makes new ones: clone them
+        if you keep them while training goes on.
+        """
+        return dict(zip(self._names, self._values()))
+
+    def _check_not_swapped(self, what: str) -> None:
+        if self._swap is not None:
+            raise SwapError(
+                f"{what} while the EMA weights are swapped in; leave the swapped() block (or "
+                "call restore()) first."
+            )
+
+    def apply_shadow(self) -> None:
+        """Put the EMA weights into the source; :meth:`restore` brings the training weights back.
+
+        Where a source tensor has the shadow's dtype, device and layout it is re-pointed at the
+        shadow (no copy); otherwise the training weights are backed up (on the shadow's device)
+        and the average is copied in. Prefer the exception-safe :meth:`swapped`.
+        """
+        self._check_not_swapped("apply_shadow() called")
+        if self._stored is not None:
+            raise SwapError("apply_shadow() called while store() holds a backup; call restore() "
+                            "first.")
+        b = self._backend
+        values = self._values()
+        targets = self._source.fetch(self._names)
+        shadows = self._avg_shadows + self._copy_shadows
+        done: list[tuple[Any, Any, bool]] = []
+        try:
+            copy_targets, copy_values = [], []
+            for target, value, shadow in zip(targets, values, shadows):
+                if b.can_alias(target, value):
+                    done.append((target, b.repoint(target, value), True))
+                else:
+                    device = b.info(shadow).device if b.name == "torch" else None
+                    done.append((target, b.clone(target, device), False))
+                    copy_targets.append(target)
+                    copy_values.append(value)
+            b.copy_(copy_targets, copy_values)
+        except BaseException:
+            self._undo(done)
+            raise
+        self._swap = done
+
+    def _undo(self, done: list[tuple[Any, Any, bool]]) -> None:
+        b = self._backend
+        copies = [(t, old) for t, old, ptr in done if not ptr]
+        b.copy_([t for t, _ in copies], [old for _, old in copies])
+        for target, old, ptr in reversed(done):
+            if ptr:
+                b.repoint(target, old)
+
+    def restore(self) -> None:
+        """Bring back the training weights after :meth:`apply_shadow` or :meth:`store`."""
+        if self._swap is not None:
+            done, self._swap = self._swap, None
+            self._undo(done)
+            return
+        if self._stored is not None:
+            stored, self._stored = self._stored, None
+            self._backend.copy_(self._source.fetch(self._names), stored)
+            return
+        raise SwapError("restore() called with nothing to restore: call apply_shadow() or "
+                        "store() first (or use the swapped() context manager).")
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[EMA]:
+        """Context manager: the EMA weights inside, the training weights bitwise back on exit.
+
+        Exception-safe. Do not train inside the block: with a pointer swap the model computes
+        with (and would write into) the shadows themselves.
+
+        Example:
+            >>> import numpy as np
+            >>> import emakit
+            >>> w = {"w": np.array([1.0])}
+            >>> ema = emakit.EMA(w, decay=0.5)
+            >>> w["w"][:] = 3.0
+            >>> _ = ema.update()
+            >>> with ema.swapped():
+            ...     print(w["w"])
+            [2.]
+            >>> w["w"]
+            array([3.])
+        """
+        self.apply_shadow()
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    def store(self) -> None:
+        """Back up the current source weights (torch-ema's verb); :meth:`restore` puts them back."""
+        self._check_not_swapped("store() called")
+        b = self._backend
+        self._stored = [b.clone(t) for t in self._source.fetch(self._names)]
+
+    def copy_to(self, target: Any = None, *, strict: bool = True) -> list[str]:
+        """Write the averaged weights into ``target`` (default: the source), matched by name.
+
+        For deployment, or for the "write the EMA back as the new training weights" strategy
+        (periodic write-back / Switch-EMA): ``ema.copy_to()`` then keep training; the optimizer
+        state is left as it is.
+
+        Args:
+            target: a module, mapping or pairs with the same names, or None for the source.
+            strict: raise if ``target`` lacks a tracked name; otherwise skip it.
+
+        Returns:
+            The tracked names that ``target`` lacked (empty when strict).
+        """
+        self._check_not_swapped("copy_to() called")
+        values = dict(zip(self._names, self._values()))
+        names = self._names
+        missing: list[str] = []
+        dst = self._source
+        if target is not None:
+            dst = as_source(target)
+            available = {e.name for e in dst.entries()}
+            missing = [n for n in names if n not in available]
+            if missing and strict:
+                raise StateDictError(
+                    "copy_to(): the target lacks names the EMA tracks", missing=missing,
+                    fix="Pass strict=False to copy the names it has.")
+            names = [n for n in names if n in available]
+        tensors = dst.fetch(names)
+        b = self._backend
+        for name, t in zip(names, tensors):
+            if not b.is_tensor(t) or b.info(t).shape != b.info(values[name]).shape:
+                shape = b.info(t).shape if b.is_tensor(t) else type(t).__name__
+                raise ValueError(
+                    f"copy_to(): target tensor {name!r} is {shape}, the average is "
+                    f"{b.info(values[name]).shape}; nothing was copied."
+                )
+        b.copy_(tensors, [values[n] for n in names])
+        return missing
+
+    def register(self) -> None:
+        """Restart the average from the current weights (the seed snippet's first verb).
+
+        Shadows become copies of the current weights (zeros for ``init="zeros"``) and the update
+        count restarts; the step count is kept.
+        """
+        self._check_not_swapped("register() called")
+        zeros = self._init == "zeros"
+        avg = self._source.fetch(self._avg_names)
+        cpy = self._source.fetch(self._copy_names)
+        self._validate(avg + cpy)
+        b = self._backend
+        if zeros:
+            fresh = b.allocate(avg, self._avg_dtypes, self._device, True)
+            b.copy_(self._avg_shadows, fresh)
+        else:
+            b.copy_(self._avg_shadows, avg)
+        b.copy_(self._copy_shadows, cpy)
+        self._reset_counters(self._step)
+        self._counters = b.new_counters(self._avg_shadows + self._copy_shadows)
+
+    # -------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that shapes future updates, with a ``format_version``.
+
+        The tensors are the shadows themselves (no copy), as with ``nn.Module.state_dict``;
+        the rest is plain Python, so ``torch.save`` / ``torch.load(weights_only=True)`` and JSON
+        (for the non-tensor part) work.
+        """
+        state: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "backend": self._backend.name,
+            "step": self._step,
+            "last_update_step": self._last_update_step,
+            "num_updates": self._num_updates,
+            "decay_product": self._decay_product,
+            "init": self._init,
+            "every": self._every,
+            "decay": self._schedule.to_dict(),
+            "policy": self._policy.to_dict(),
+            "actions": dict(self._actions),
+            "shadows": dict(zip(self._names, self._avg_shadows + self._copy_shadows)),
+        }
+        if self._guard:
+            state["nonfinite_skips"] = self.nonfinite_skips()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> LoadResult:
+        """Load a :meth:`state_dict`; validate everything first, change nothing on error.
+
+        Shadows are matched by name and copied into the existing ones (their dtype and device
+        stay). Counters and ``init`` are state and are loaded; decay, ``every`` and policy are
+        settings of this EMA: where the saved ones differ they are reported (in the result and
+        an :class:`~emakit.errors.EMAWarning`) and the current ones stay.
+
+        Args:
+            state: a dict from :meth:`state_dict` (possibly through ``torch.save``/``load``).
+            strict: raise if names are missing or unexpected; otherwise load the common names.
+
+        Returns:
+            A :class:`LoadResult`.
+
+        Raises:
+            StateDictError: wrong format, missing/unexpected names (strict), shape or dtype
+                mismatches (always). Nothing is loaded.
+        """
+        self._check_not_swapped("load_state_dict() called")
+        counters, shadows = self._check_state(state)
+        saved = set(shadows)
+        missing = [n for n in self._names if n not in saved]
+        unexpected = [n for n in shadows if n not in self._actions]
+        mismatched = []
+        b = self._backend
+        mine = dict(zip(self._names, self._avg_shadows + self._copy_shadows))
+        for name in self._names:
+            if name in shadows:
+                have, want = b.info(shadows[name]), b.info(mine[name])
+                if have.shape != want.shape:
+                    mismatched.append(f"{name}: shape {have.shape} != {want.shape}")
+                elif have.dtype != want.dtype:
+                    mismatched.append(f"{name}: dtype {have.dtype} != {want.dtype}")
+        if mismatched or (strict and (missing or unexpected)):
+            raise StateDictError(
+                "the state does not fit this EMA", missing=missing if strict else (),
+                unexpected=unexpected if strict else (), mismatched=mismatched,
+                fix="Build the EMA over the same model and dtype, or pass strict=False to load "
+                    "the common names (shape/dtype mismatches always fail).")
+        changed = self._changed_settings(state)
+        names = [n for n in self._names if n in shadows]
+        b.copy_([mine[n] for n in names], [shadows[n] for n in names])
+        (self._step, self._last_update_step, self._num_updates, self._decay_product,
+         self._init) = counters
+        self._last_decay = None
+        skips = state.get("nonfinite_skips") or {}
+        self._counters = b.new_counters(self._avg_shadows + self._copy_shadows)
+        if skips:
+            for i, name in enumerate(self._names):
+                if skips.get(name):
+                    self._counters[i] += int(skips[name])
+        if changed:
+            details = "; ".join(f"{k}: saved {v[0]!r}, current {v[1]!r}"
+                                for k, v in changed.items())
+            warnings.warn(
+                f"the loaded EMA state was saved with other settings ({details}); the current "
+                "settings stay in force. Pass the saved ones to EMA(...) to keep them.",
+                EMAWarning,
+                stacklevel=2,
+            )
+        return LoadResult(missing, unexpected, changed)
+
+    def _check_state(self, state: object) -> tuple[tuple[int, int, int, float, str],
+                                                   dict[str, Any]]:
+        if not isinstance(state, Mapping):
+            raise StateDictError(f"state must be a dict from EMA.state_dict(), got "
+                                 f"{type(state).__name__}")
+        version = state.get("format_version")
+        if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            raise StateDictError(
+                f"unknown format_version {version!r}; this emakit reads format_version "
+                f"{FORMAT_VERSION}",
+                fix="Upgrade emakit to read it." if newer else
+                    "Is this an emakit EMA state_dict()?")
+        absent = [k for k in _STATE_KEYS if k not in state]
+        if absent:
+            raise StateDictError(f"the state lacks the keys {absent}",
+                                 fix="Is this an emakit EMA state_dict()?")
+        ints = []
+        for key in ("step", "last_update_step", "num_updates"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise StateDictError(f"state[{key!r}] must be an int >= 0, got {value!r}")
+            ints.append(int(value))
+        step, last, updates = ints
+        if last > step:
+            raise StateDictError(f"state['last_update_step']={last} is after state['step']="
+                                 f"{step}")
+        product = state["decay_product"]
+        if not isinstance(product, numbers.Real) or not 0.0 <= float(product) <= 1.0 or \
+                math.isnan(float(product)):
+            raise StateDictError(f"state['decay_product'] must be in [0, 1], got {product!r}")
+        init = state["init"]
+        if init not in ("copy", "zeros"):
+            raise StateDictError(f"state['init'] must be 'copy' or 'zeros', got {init!r}")
+        raw = state["shadows"]
+        if not isinstance(raw, Mapping):
+            raise StateDictError("state['shadows'] must map names to tensors, got "
+                                 f"{type(raw).__name__}")
+        shadows = {}
+        for name, tensor in raw.items():
+            try:
+                shadows[name] = self._backend.as_native(tensor, f"state['shadows'][{name!r}]")
+            except TypeError as exc:
+                raise StateDictError(str(exc)) from None
+        return (step, last, updates, float(product), str(init)), shadows
+
+    def _changed_settings(self, state: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+        changed: dict[str, tuple[Any, Any]] = {}
+        if state["decay"] != self._schedule.to_dict():
+            changed["decay"] = (state["decay"], self._schedule.to_dict())
+        if state["every"] != self._every:
+            changed["every"] = (state["every"], self._every)
+        saved_actions = state["actions"]
+        if isinstance(saved_actions, Mapping):
+            diff = {n: a for n, a in saved_actions.items()
+                    if n in self._actions and self._actions[n] != a}
+            if diff:
+                changed["actions"] = (diff, {n: self._actions[n] for n in diff})
+        return changed

@@ -1,0 +1,50 @@
+"""Exceptions and warnings that emakit raises, so that callers can catch them by type."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["EMAWarning", "StateDictError", "SwapError"]
+
+
+class EMAWarning(UserWarning):
+    """Something legal but probably unintended (a saved setting differs from the current one, a
+    low-precision shadow that will stall). Filter with ``warnings.filterwarnings``."""
+
+
+class SwapError(RuntimeError):
+    """An operation that is wrong while the EMA weights are swapped into the model (or not)."""
+
+
+def _listing(label: str, names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{label} ({len(names)}): {shown}{more}"
+
+
+class StateDictError(ValueError):
+    """A state that does not fit this EMA. Nothing was loaded.
+
+    Attributes:
+        missing: names this EMA tracks that the state lacks.
+        unexpected: names in the state that this EMA does not track.
+        mismatched: ``name: reason`` for entries whose shape or dtype differ.
+    """
+
+    def __init__(self, problem: str, *, missing: Sequence[str] = (),
+                 unexpected: Sequence[str] = (), mismatched: Sequence[str] = (),
+                 fix: str = "") -> None:
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+        parts = [problem]
+        if self.missing:
+            parts.append(_listing("missing", self.missing))
+        if self.unexpected:
+            parts.append(_listing("unexpected", self.unexpected))
+        if self.mismatched:
+            parts.append(_listing("mismatched", self.mismatched))
+        parts.append("Nothing was loaded.")
+        if fix:
+            parts.append(fix)
+        super().__init__("; ".join(parts[:-2]) + ". " + " ".join(parts[-2:]))

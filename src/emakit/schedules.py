@@ -1,0 +1,406 @@
+"""Decay schedules and conversions, in pure Python.
+
+A schedule is a small frozen value: ``schedule(step)`` gives the decay ``d_t`` applied when the
+weights after optimizer step ``t`` (``t = 1`` for the first step) are folded into the average,
+
+    ema_t = d_t * ema_{t-1} + (1 - d_t) * w_t.
+
+Schedules count optimizer steps, never calls to ``update()``: when the engine updates only every
+``k`` steps it applies :meth:`Schedule.interval`, the product of the per-step decays over the
+skipped steps, so the averaging window in steps does not change. Every equation is collected in
+``docs/math.md`` with its source.
+
+Example:
+    >>> from emakit import schedules
+    >>> s = schedules.InverseGamma(inv_gamma=1.0, power=2 / 3, max_decay=0.9999)
+    >>> [round(s(t), 4) for t in (1, 2, 10, 1000)]
+    [0.0, 0.37, 0.7846, 0.99]
+    >>> round(schedules.half_life_to_decay(693.1), 6)
+    0.999
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, cast
+
+__all__ = [
+    "Constant",
+    "ExponentialRamp",
+    "InverseGamma",
+    "PowerFunction",
+    "Schedule",
+    "TFWarmup",
+    "decay_to_half_life",
+    "from_dict",
+    "gamma_to_sigma_rel",
+    "half_life_to_decay",
+    "sigma_rel_to_gamma",
+]
+
+
+def _real(name: str, value: object, *, low: float, high: float, low_open: bool = False,
+          high_open: bool = False, hint: str = "") -> float:
+    """Check that ``value`` is a finite real number in a range; return it as ``float``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a real number, got {value!r} of type {type(value).__name__}. {hint}"
+        )
+    v = float(value)
+    too_low = v <= low if low_open else v < low
+    too_high = v >= high if high_open else v > high
+    if math.isnan(v) or too_low or too_high:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}. {hint}".rstrip())
+    return v
+
+
+def _step(value: object, name: str = "step", minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}.")
+    v = int(value)
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}.")
+    return v
+
+
+class Schedule(ABC):
+    """Base class of decay schedules: ``schedule(step) -> decay`` for optimizer step ``step >= 1``.
+
+    Subclasses are frozen dataclasses; :meth:`to_dict` / :func:`from_dict` round-trip them, and
+    :meth:`interval` gives the decay over several steps.
+    """
+
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def __call__(self, step: int) -> float:
+        """Return the decay ``d_step`` in [0, 1] for optimizer step ``step`` (1-based)."""
+
+    def interval(self, start: int, stop: int) -> float:
+        """Decay over the steps ``start+1 .. stop``: ``prod_{t=start+1}^{stop} d_t``.
+
+        This is what the engine applies when it folds in the weights of step ``stop`` after
+        last updating at step ``start`` (update every k steps, gradient accumulation). An empty
+        interval (``stop == start``) gives 1.0.
+
+        Args:
+            start: the step of the previous update (0 when the average was created).
+            stop: the current step, ``>= start``.
+
+        Returns:
+            The product of the per-step decays, a float in [0, 1].
+        """
+        start = _step(start, "start", 0)
+        stop = _step(stop, "stop", 0)
+        if stop < start:
+            raise ValueError(f"stop must be >= start, got start={start}, stop={stop}.")
+        product = 1.0
+        for t in range(start + 1, stop + 1):
+            product *= self(t)
+            if product == 0.0:
+                break
+        return product
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return ``{"kind": name, **fields}``, JSON-serialisable; :func:`from_dict` inverts it."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {"kind": self.kind, **fields}
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant(Schedule):
+    """A constant decay: ``d_t = decay``; over k steps ``decay ** k``.
+
+    Args:
+        decay: the per-step decay in [0, 1]. 0 copies the weights, 1 freezes the average.
+
+    Example:
+        >>> Constant(0.9)(5), round(Constant(0.9).interval(0, 3), 6)
+        (0.9, 0.729)
+        >>> round(Constant.from_half_life(10).decay ** 10, 12)
+        0.5
+    """
+
+    decay: float
+    kind: ClassVar[str] = "Constant"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decay", _real("decay", self.decay, low=0.0, high=1.0,
+                                                hint="Typical values are 0.99 to 0.9999."))
+
+    @classmethod
+    def from_half_life(cls, half_life: float) -> Constant:
+        """The constant decay whose weights halve every ``half_life`` optimizer steps."""
+        return cls(half_life_to_decay(half_life))
+
+    def __call__(self, step: int) -> float:
+        _step(step)
+        return self.decay
+
+    def interval(self, start: int, stop: int) -> float:
+        """``decay ** (stop - start)`` (closed form of :meth:`Schedule.interval`)."""
+        start = _step(start, "start", 0)
+        stop = _step(stop, "stop", 0)
+        if stop < start:
+            raise ValueError(f"stop must be >= start, got start={start}, stop={stop}.")
+        return self.decay ** (stop - start)
+
+
+@dataclasses.dataclass(frozen=True)
+class InverseGamma(Schedule):
+    """Warmup of timm / diffusers / ema-pytorch: ``1 - (1 + e / inv_gamma) ** -power``.
+
+    With ``e = max(0, step - update_after_step - 1)``: the decay is 0 (the average copies the
+    weights) while ``e == 0``, then ``clamp(1 - (1 + e / inv_gamma) ** -power, min_decay,
+    max_decay)``. ``power=2/3`` suits short runs, ``power=3/4`` long ones (diffusers' advice).
+
+    Args:
+        inv_gamma: step scale of the warmup, > 0.
+        power: exponent of the warmup, > 0.
+        min_decay: lower clamp once warmed up, in [0, max_decay].
+        max_decay: upper clamp, in [0, 1].
+        update_after_step: steps during which the average just copies the weights.
+
+    Example:
+        >>> s = InverseGamma(power=0.75, max_decay=0.999, update_after_step=2)
+        >>> [round(s(t), 4) for t in (1, 3, 4, 100, 10**6)]
+        [0.0, 0.0, 0.4054, 0.9679, 0.999]
+    """
+
+    inv_gamma: float = 1.0
+    power: float = 2.0 / 3.0
+    min_decay: float = 0.0
+    max_decay: float = 0.9999
+    update_after_step: int = 0
+    kind: ClassVar[str] = "InverseGamma"
+
+    def __post_init__(self) -> None:
+        inf = math.inf
+        object.__setattr__(self, "inv_gamma", _real("inv_gamma", self.inv_gamma, low=0.0,
+                                                    high=inf, low_open=True, high_open=True))
+        object.__setattr__(self, "power", _real("power", self.power, low=0.0, high=inf,
+                                                low_open=True, high_open=True))
+        object.__setattr__(self, "max_decay", _real("max_decay", self.max_decay, low=0.0,
+                                                    high=1.0))
+        object.__setattr__(self, "min_decay", _real(
+            "min_decay", self.min_decay, low=0.0, high=self.max_decay,
+            hint="min_decay must not exceed max_decay."))
+        object.__setattr__(self, "update_after_step",
+                           _step(self.update_after_step, "update_after_step", 0))
+
+    def __call__(self, step: int) -> float:
+        e = _step(step) - self.update_after_step - 1
+        if e <= 0:
+            return 0.0
+        value = 1.0 - (1.0 + e / self.inv_gamma) ** -self.power
+        return float(min(self.max_decay, max(self.min_decay, value)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TFWarmup(Schedule):
+    """TensorFlow's ``ExponentialMovingAverage(num_updates=...)``: ``min(decay, (1+t)/(10+t))``.
+
+    Args:
+        decay: the decay reached after the warmup, in [0, 1].
+
+    Example:
+        >>> s = TFWarmup(0.999)
+        >>> [round(s(t), 4) for t in (1, 10, 100, 10**5)]
+        [0.1818, 0.55, 0.9182, 0.999]
+    """
+
+    decay: float = 0.9999
+    kind: ClassVar[str] = "TFWarmup"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decay", _real("decay", self.decay, low=0.0, high=1.0))
+
+    def __call__(self, step: int) -> float:
+        t = _step(step)
+        return min(self.decay, (1.0 + t) / (10.0 + t))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExponentialRamp(Schedule):
+    """The Ultralytics (YOLO) ramp: ``d_t = decay * (1 - exp(-t / tau))``.
+
+    Args:
+        decay: the decay approached for ``t >> tau``, in [0, 1].
+        tau: the ramp's time constant in optimizer steps, > 0.
+
+    Example:
+        >>> s = ExponentialRamp(decay=0.9999, tau=2000)
+        >>> [round(s(t), 4) for t in (1, 2000, 20000)]
+        [0.0005, 0.6321, 0.9999]
+    """
+
+    decay: float = 0.9999
+    tau: float = 2000.0
+    kind: ClassVar[str] = "ExponentialRamp"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decay", _real("decay", self.decay, low=0.0, high=1.0))
+        object.__setattr__(self, "tau", _real("tau", self.tau, low=0.0, high=math.inf,
+                                              low_open=True, high_open=True))
+
+    def __call__(self, step: int) -> float:
+        t = _step(step)
+        return self.decay * (1.0 - math.exp(-t / self.tau))
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerFunction(Schedule):
+    """Power-function EMA of Karras et al. (2024, EDM2): ``d_t = (1 - 1/t) ** (gamma + 1)``.
+
+    The average then weighs step ``s`` in proportion to ``s ** gamma``: its width relative to the
+    run length is ``sigma_rel``; give either ``gamma`` or ``sigma_rel``.
+
+    Args:
+        gamma: exponent, > -1 (EDM2: gamma 16.97 for sigma_rel 0.05, 6.94 for 0.10; see
+            :func:`sigma_rel_to_gamma`).
+        sigma_rel: relative standard deviation of the averaging profile, in (0, 0.3003).
+
+    Example:
+        >>> s = PowerFunction(gamma=7.0)
+        >>> [round(s(t), 4) for t in (1, 2, 100)]
+        [0.0, 0.0039, 0.9227]
+        >>> round(PowerFunction(sigma_rel=0.05).gamma, 4)
+        16.9722
+    """
+
+    gamma: float | None = None
+    sigma_rel: float | None = None
+    kind: ClassVar[str] = "PowerFunction"
+
+    def __post_init__(self) -> None:
+        if (self.gamma is None) == (self.sigma_rel is None):
+            raise ValueError(
+                f"PowerFunction takes exactly one of gamma or sigma_rel, got gamma={self.gamma!r},"
+                f" sigma_rel={self.sigma_rel!r}. Example: PowerFunction(sigma_rel=0.05)."
+            )
+        if self.sigma_rel is not None:
+            gamma = sigma_rel_to_gamma(self.sigma_rel)
+        else:
+            gamma = _real("gamma", self.gamma, low=-1.0, high=math.inf, low_open=True,
+                          high_open=True)
+        object.__setattr__(self, "gamma", gamma)
+        object.__setattr__(self, "sigma_rel", gamma_to_sigma_rel(gamma))
+
+    def __call__(self, step: int) -> float:
+        t = _step(step)
+        return float((1.0 - 1.0 / t) ** (cast(float, self.gamma) + 1.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"kind": "PowerFunction", "gamma": g, "sigma_rel": s}``; gamma is authoritative."""
+        return {"kind": self.kind, "gamma": self.gamma, "sigma_rel": self.sigma_rel}
+
+
+_KINDS: dict[str, type[Schedule]] = {
+    cls.kind: cls for cls in (Constant, InverseGamma, TFWarmup, ExponentialRamp, PowerFunction)
+}
+
+
+def from_dict(data: dict[str, Any]) -> Schedule:
+    """Rebuild a schedule from :meth:`Schedule.to_dict` output.
+
+    Example:
+        >>> from_dict(TFWarmup(0.99).to_dict())
+        TFWarmup(decay=0.99)
+    """
+    if not isinstance(data, dict) or "kind" not in data:
+        raise ValueError(f"schedule data must be a dict with a 'kind' key, got {data!r}.")
+    fields = dict(data)
+    kind = fields.pop("kind")
+    if kind not in _KINDS:
+        raise ValueError(f"unknown schedule kind {kind!r}; known kinds: {sorted(_KINDS)}.")
+    if kind == "PowerFunction":
+        fields.pop("sigma_rel", None)
+    try:
+        return _KINDS[kind](**fields)
+    except TypeError as exc:
+        raise ValueError(f"bad fields for schedule {kind!r}: {fields!r} ({exc}).") from exc
+
+
+def half_life_to_decay(half_life: float) -> float:
+    """The per-step decay whose weights halve every ``half_life`` steps: ``0.5 ** (1/half_life)``.
+
+    Args:
+        half_life: steps, > 0 (may be fractional).
+
+    Returns:
+        The decay ``d`` with ``d ** half_life == 0.5``.
+
+    Example:
+        >>> half_life_to_decay(1)
+        0.5
+    """
+    h = _real("half_life", half_life, low=0.0, high=math.inf, low_open=True, high_open=True,
+              hint="half_life is counted in optimizer steps, e.g. half_life=2000.")
+    return float(0.5 ** (1.0 / h))
+
+
+def decay_to_half_life(decay: float) -> float:
+    """The half-life in steps of a constant decay: ``ln(1/2) / ln(decay)``.
+
+    Args:
+        decay: in (0, 1).
+
+    Returns:
+        Steps after which a past weight's share of the average has halved.
+
+    Example:
+        >>> round(decay_to_half_life(0.999), 2)
+        692.8
+    """
+    d = _real("decay", decay, low=0.0, high=1.0, low_open=True, high_open=True,
+              hint="decay 0 has half-life 0 and decay 1 never halves.")
+    return math.log(0.5) / math.log(d)
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """Karras et al. (2024) eq. 3: ``sigma_rel = sqrt((g+1) / ((g+2)^2 (g+3)))``.
+
+    Example:
+        >>> round(gamma_to_sigma_rel(6.94), 4)
+        0.1
+    """
+    g = _real("gamma", gamma, low=-1.0, high=math.inf, low_open=True, high_open=True)
+    return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
+
+
+_SIGMA_REL_MAX_GAMMA = (math.sqrt(5.0) - 1.0) / 2.0 - 1.0  # the gamma where sigma_rel peaks
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """Invert :func:`gamma_to_sigma_rel` on its decreasing branch (the largest root).
+
+    Solves ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0`` for its largest real root by
+    bisection in float64.
+
+    Args:
+        sigma_rel: in (0, max), where max ~ 0.3003 is attained at gamma = (sqrt 5 - 3) / 2.
+
+    Example:
+        >>> round(sigma_rel_to_gamma(0.1), 2)
+        6.94
+    """
+    peak = gamma_to_sigma_rel(_SIGMA_REL_MAX_GAMMA)
+    s = _real("sigma_rel", sigma_rel, low=0.0, high=peak, low_open=True,
+              hint="EDM2 uses sigma_rel between 0.01 and 0.2.")
+    lo, hi = _SIGMA_REL_MAX_GAMMA, 1.0
+    while gamma_to_sigma_rel(hi) > s:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if gamma_to_sigma_rel(mid) > s:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-15 * max(1.0, abs(hi)):
+            break
+    return 0.5 * (lo + hi)
