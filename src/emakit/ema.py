@@ -360,11 +360,13 @@ class EMA:
             self._step = t
             return False
         decay = self._schedule.interval(self._last_update_step, t)
-        if self._num_updates == 0 and t - self._last_update_step > self._every:
+        gap = t - self._last_update_step
+        if self._num_updates == 0 and gap > self._every and decay < 1e-3 and self._schedule(1):
             warnings.warn(
-                f"the first update at step {t} applies the decay of {t - self._last_update_step}"
-                f" steps since the EMA was created at step {self._last_update_step}. If the EMA "
-                f"starts mid-run, create it with EMA(..., step={t - 1}).",
+                f"the first update at step {t} applies the decay of {gap} steps since the EMA "
+                f"was created at step {self._last_update_step} (total decay {decay:.2g}), which "
+                f"discards the initial weights. If the EMA starts mid-run, create it with "
+                f"EMA(..., step={t - 1}).",
                 EMAWarning,
                 stacklevel=2,
             )

@@ -1,0 +1,132 @@
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from emakit import schedules as S
+
+ALL = [
+    S.Constant(0.99),
+    S.InverseGamma(inv_gamma=2.0, power=0.75, min_decay=0.1, max_decay=0.999, update_after_step=3),
+    S.TFWarmup(0.999),
+    S.ExponentialRamp(decay=0.999, tau=50.0),
+    S.PowerFunction(gamma=4.0),
+]
+
+
+def test_constant_is_constant_and_interval_is_power():
+    s = S.Constant(0.97)
+    assert [s(t) for t in (1, 2, 1000)] == [0.97, 0.97, 0.97]
+    assert s.interval(10, 17) == pytest.approx(0.97**7, rel=1e-15)
+    assert s.interval(5, 5) == 1.0
+
+
+def test_inverse_gamma_closed_forms():
+    # power=1, inv_gamma=1: d = 1 - 1/(1+e) = e/(1+e) with e = t - 1 (no delay)
+    s = S.InverseGamma(inv_gamma=1.0, power=1.0, max_decay=1.0)
+    assert s(1) == 0.0
+    for t in (2, 11, 101):
+        e = t - 1
+        assert s(t) == pytest.approx(e / (1 + e), rel=1e-15)
+    # power=1/2, inv_gamma=4: d = 1 - 2/sqrt(4+e)
+    s = S.InverseGamma(inv_gamma=4.0, power=0.5, max_decay=1.0)
+    assert s(13) == pytest.approx(1 - 2 / math.sqrt(16), rel=1e-15)
+    # delay: decay 0 (copy) through step update_after_step + 1
+    s = S.InverseGamma(power=1.0, update_after_step=5, max_decay=1.0)
+    assert [s(t) for t in range(1, 7)] == [0.0] * 6
+    assert s(8) == pytest.approx(2 / 3, rel=1e-15)
+    # clamps
+    s = S.InverseGamma(power=1.0, min_decay=0.5, max_decay=0.9)
+    assert s(2) == 0.5 and s(10**6) == 0.9
+
+
+def test_tf_warmup_and_exponential_ramp_closed_forms():
+    s = S.TFWarmup(0.999)
+    assert s(1) == pytest.approx(2 / 11, rel=1e-15)
+    assert s(90) == pytest.approx(91 / 100, rel=1e-15)
+    assert s(10**7) == 0.999
+    r = S.ExponentialRamp(decay=0.9, tau=100.0)
+    assert r(100) == pytest.approx(0.9 * (1 - 1 / math.e), rel=1e-15)
+    assert r(200) == pytest.approx(0.9 * (1 - math.e**-2), rel=1e-15)
+
+
+def test_power_function_gamma_zero_is_running_mean_weights():
+    s = S.PowerFunction(gamma=0.0)
+    assert [s(t) for t in (1, 2, 4)] == [0.0, 0.5, 0.75]
+    s = S.PowerFunction(gamma=1.0)
+    assert s(3) == pytest.approx((2 / 3) ** 2, rel=1e-15)
+
+
+def test_sigma_rel_gamma_conversions_match_edm2():
+    # Karras et al. 2024, Table / sec. 3: sigma_rel 0.05 <-> gamma 16.97, 0.10 <-> 6.94
+    assert S.sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=0.005)
+    assert S.sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=0.005)
+    for g in (0.5, 3.0, 6.94, 16.97, 100.0):
+        assert S.sigma_rel_to_gamma(S.gamma_to_sigma_rel(g)) == pytest.approx(g, rel=1e-9)
+    p = S.PowerFunction(sigma_rel=0.1)
+    assert p.gamma == pytest.approx(6.94, abs=0.005)
+    assert p.sigma_rel == pytest.approx(0.1, rel=1e-12)
+
+
+def test_half_life_conversions():
+    d = S.half_life_to_decay(2000)
+    assert d**2000 == pytest.approx(0.5, rel=1e-12)
+    assert S.decay_to_half_life(d) == pytest.approx(2000, rel=1e-12)
+    assert S.Constant.from_half_life(1).decay == 0.5
+
+
+@pytest.mark.parametrize("schedule", ALL, ids=lambda s: s.kind)
+def test_to_dict_round_trips_through_json(schedule):
+    data = json.loads(json.dumps(schedule.to_dict()))
+    again = S.from_dict(data)
+    assert again == schedule
+    assert [again(t) for t in range(1, 50)] == [schedule(t) for t in range(1, 50)]
+
+
+@pytest.mark.parametrize("schedule", ALL, ids=lambda s: s.kind)
+def test_interval_is_the_brute_force_product(schedule):
+    for a, b in [(0, 1), (0, 7), (3, 40), (100, 103)]:
+        brute = math.prod(schedule(t) for t in range(a + 1, b + 1))
+        assert schedule.interval(a, b) == pytest.approx(brute, rel=1e-13, abs=0)
+
+
+@given(st.sampled_from(ALL), st.integers(0, 300), st.integers(0, 300), st.integers(0, 300))
+def test_interval_composes(schedule, a, b, c):
+    a, b, c = sorted((a, b, c))
+    assert schedule.interval(a, c) == pytest.approx(
+        schedule.interval(a, b) * schedule.interval(b, c), rel=1e-12, abs=1e-300)
+
+
+@given(st.sampled_from(ALL), st.integers(1, 10**9))
+def test_every_schedule_stays_in_unit_interval(schedule, t):
+    assert 0.0 <= schedule(t) <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: S.Constant(1.5), ValueError, r"decay must be in \[0.0, 1.0\], got 1.5"),
+        (lambda: S.Constant(float("nan")), ValueError, r"decay must be in"),
+        (lambda: S.Constant(True), TypeError, r"decay must be a real number, got True"),
+        (lambda: S.Constant("0.9"), TypeError, r"decay must be a real number, got '0.9'"),
+        (lambda: S.InverseGamma(power=0), ValueError, r"power must be in \(0.0, inf\)"),
+        (lambda: S.InverseGamma(min_decay=0.5, max_decay=0.4), ValueError,
+         r"min_decay must be in \[0.0, 0.4\], got 0.5. min_decay must not exceed max_decay"),
+        (lambda: S.InverseGamma(update_after_step=-1), ValueError, r"update_after_step must be >= 0"),
+        (lambda: S.ExponentialRamp(tau=0), ValueError, r"tau must be in"),
+        (lambda: S.PowerFunction(), ValueError, r"exactly one of gamma or sigma_rel"),
+        (lambda: S.PowerFunction(gamma=1, sigma_rel=0.1), ValueError, r"exactly one of gamma"),
+        (lambda: S.PowerFunction(sigma_rel=0.5), ValueError, r"sigma_rel must be in"),
+        (lambda: S.half_life_to_decay(0), ValueError, r"half_life must be in \(0.0, inf\)"),
+        (lambda: S.decay_to_half_life(1.0), ValueError, r"decay 1 never halves"),
+        (lambda: S.Constant(0.9)(0), ValueError, r"step must be >= 1, got 0"),
+        (lambda: S.Constant(0.9).interval(5, 3), ValueError, r"stop must be >= start"),
+        (lambda: S.from_dict({"kind": "Nope"}), ValueError, r"unknown schedule kind 'Nope'"),
+        (lambda: S.from_dict({"kind": "Constant", "x": 1}), ValueError, r"bad fields"),
+    ],
+)
+def test_bad_arguments_name_the_argument(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
