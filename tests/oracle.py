@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -17,7 +18,7 @@ def weighted_sum(x0: np.ndarray, updates: Sequence[tuple[int, np.ndarray]],
     prod_i D_i (zero when ``zeros``, then divided by 1 - prod_i D_i).
     """
     steps = [0] + [s for s, _ in updates]
-    big_d = [math.prod(decay(u) for u in range(a + 1, b + 1)) for a, b in zip(steps, steps[1:])]
+    big_d = [math.prod(decay(u) for u in range(a + 1, b + 1)) for a, b in itertools.pairwise(steps)]
     total = math.prod(big_d)
     acc = np.zeros_like(np.asarray(x0, dtype=np.float64)) if zeros else total * np.asarray(
         x0, dtype=np.float64)

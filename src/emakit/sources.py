@@ -49,57 +49,71 @@ def _missing(name: str, kind: str) -> ValueError:
 
 
 class ModuleSource:
-    """Parameters and persistent buffers of a ``torch.nn.Module``, by their dotted names."""
+    """Parameters and persistent buffers of a ``torch.nn.Module``, by their dotted names.
+
+    The owner submodule of each tensor is cached, and the chain of submodules leading to it is
+    re-checked (identity of each ``_modules`` entry) on every fetch, so a replaced submodule
+    (``model.head = nn.Linear(...)``) is found again instead of silently reading the old one.
+    """
 
     kind = "module"
 
     def __init__(self, module: Any) -> None:
         self.module = module
         self._where: dict[str, tuple[Any, str, bool]] = {}
+        self._edges: list[tuple[Any, str, Any]] = []
 
     def entries(self) -> list[Entry]:
         out: list[Entry] = []
-        self._where.clear()
+        buffers: set[str] = set()
         for name, p in self.module.named_parameters():
-            self._remember(name, buffer=False)
             out.append(Entry(name, p, False, bool(p.requires_grad)))
         for name, b in self.module.named_buffers():
             owner, key = self._split(name)
             if key in getattr(owner, "_non_persistent_buffers_set", ()):
                 continue  # not model state (masks, caches): never part of the average
-            self._where[name] = (owner, key, True)
+            buffers.add(name)
             out.append(Entry(name, b, True, False))
+        self._where = {e.name: (None, "", e.name in buffers) for e in out}
+        self._resolve()
         return out
 
     def _split(self, name: str) -> tuple[Any, str]:
         path, _, key = name.rpartition(".")
         return (self.module.get_submodule(path) if path else self.module), key
 
-    def _remember(self, name: str, *, buffer: bool) -> None:
-        owner, key = self._split(name)
-        self._where[name] = (owner, key, buffer)
+    def _resolve(self) -> None:
+        """Find every tracked tensor's owner again and record the submodule edges leading there."""
+        edges: dict[tuple[int, str], tuple[Any, str, Any]] = {}
+        for name, (_, _, buffer) in list(self._where.items()):
+            path, _, key = name.rpartition(".")
+            owner = self.module
+            for part in path.split(".") if path else ():
+                child = owner._modules.get(part)
+                if child is None:
+                    raise _missing(name, self.kind)
+                edges[(id(owner), part)] = (owner, part, child)
+                owner = child
+            self._where[name] = (owner, key, buffer)
+        self._edges = list(edges.values())
 
     def fetch(self, names: Sequence[str]) -> list[Any]:
+        if any(parent._modules.get(key) is not child for parent, key, child in self._edges):
+            self._resolve()
         where = self._where
         try:
-            return [
+            out = [
                 (owner._buffers if buffer else owner._parameters)[key]
                 for owner, key, buffer in (where[n] for n in names)
             ]
         except KeyError:
-            pass
-        out = []
-        for n in names:  # slow path: find which name went missing, or re-resolve owners
-            try:
-                owner, key = self._split(n)
-                table = owner._buffers if where[n][2] else owner._parameters
-                tensor = table[key]
-            except (KeyError, AttributeError):
-                raise _missing(n, self.kind) from None
-            if tensor is None:
-                raise _missing(n, self.kind)
-            where[n] = (owner, key, where[n][2])
-            out.append(tensor)
+            out = None
+        if out is None or any(t is None for t in out):
+            for n in names:
+                owner, key, buffer = where[n]
+                if (owner._buffers if buffer else owner._parameters).get(key) is None:
+                    raise _missing(n, self.kind)
+        assert out is not None  # every name was found above; internal invariant
         return out
 
 
