@@ -79,7 +79,7 @@ def test_fp32_shadow_of_bf16_model_matches_float64_oracle():
     ema = emakit.EMA(lin, decay=0.999)
     assert ema.shadows["weight"].dtype == torch.float32
     hist = [lin.weight.detach().double().clone()]
-    for t in range(1, 201):
+    for _t in range(1, 201):
         with torch.no_grad():
             lin.weight.add_(torch.randn_like(lin.weight) * 1e-3)
         ema.update()
@@ -337,7 +337,7 @@ def test_copy_to_plain_model_and_write_back():
 
 
 def test_source_that_changes_dtype_or_shape():
-    model, opt = make()
+    model, _opt = make()
     ema = emakit.EMA(model, decay=0.5)
     model.double()  # parameters re-allocated in float64: found again by name, shadows stay fp32
     ema.update()
@@ -404,7 +404,7 @@ def test_load_mismatches_are_reported_by_name_and_load_nothing():
 
 
 def test_grad_accumulation_updates_once_per_optimizer_step():
-    model, opt = make()
+    model, _opt = make()
     ema = emakit.EMA(model, decay=0.5)
     for micro in range(8):
         global_step = micro // 4 + 1
