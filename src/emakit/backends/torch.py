@@ -21,7 +21,7 @@ from emakit.backends import Plan, TensorInfo
 
 __all__ = ["BACKEND", "TorchBackend"]
 
-_STAGING_ELEMENTS = 1 << 22  # 4M elements (16 MB in fp32) of staging per converted group
+_STAGING_ELEMENTS = 1 << 18  # 256K elements (1 MB in fp32): the staged chunk stays in cache
 _HALF = (torch.float16, torch.bfloat16)
 
 
