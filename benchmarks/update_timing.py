@@ -47,6 +47,17 @@ def resnet50_layout() -> nn.Module:
     return nn.Sequential(*blocks)
 
 
+def tiny_gpt() -> nn.Module:
+    """A tiny GPT-style stack: about 1.0M parameters in 100 tensors (many small tensors)."""
+    d = 128
+    blocks: list[nn.Module] = [nn.Embedding(512, d)]
+    for _ in range(8):
+        blocks += [nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d), nn.LayerNorm(d),
+                   nn.Linear(d, 2 * d), nn.Linear(2 * d, d)]
+    blocks += [nn.LayerNorm(d), nn.Linear(d, 512, bias=False)]
+    return nn.Sequential(*blocks)
+
+
 def interleaved(contenders: dict, repeats: int, chunk: int = 5) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for fn in contenders.values():  # warm up
@@ -67,9 +78,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
-    for label, dtype in [("fp32 model, fp32 shadow", torch.float32),
-                         ("bf16 model, fp32 shadow", torch.bfloat16)]:
-        model = resnet50_layout().to(dtype)
+    cases = [("ResNet-50 layout, fp32", resnet50_layout, torch.float32),
+             ("ResNet-50 layout, bf16 model, fp32 shadow", resnet50_layout, torch.bfloat16),
+             ("tiny GPT-style, fp32", tiny_gpt, torch.float32)]
+    for label, build, dtype in cases:
+        model = build().to(dtype)
         fast = emakit.EMA(model, decay=0.999)
         loop = emakit.EMA(model, decay=0.999, foreach=False)
         n = sum(s.numel() for s in fast.shadows.values() if s.is_floating_point())
@@ -94,12 +107,13 @@ def main() -> None:
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "emakit": emakit.__version__, "repeats": args.repeats}
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# EMA.update() on the ResNet-50 layout ({device}, torch {torch.__version__})", "",
-             "| case | contender | median ms | x flat | GB/s |", "|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['contender']} | {r['median_ms']:.2f} | {r['x_flat']:.2f} | "
-              f"{r['GB_per_s']:.1f} |" for r in rows]
-    lines += ["", f"{rows[0]['params'] / 1e6:.1f}M averaged values in {rows[0]['tensors']} "
-              "tensors (params + BN buffers). Command: `python benchmarks/update_timing.py`."]
+    lines = [f"# EMA.update() timings ({device}, torch {torch.__version__})", "",
+             "| case | values / tensors | contender | median ms | x flat | GB/s |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['params'] / 1e6:.1f}M / {r['tensors']} | {r['contender']} | "
+              f"{r['median_ms']:.3f} | {r['x_flat']:.2f} | {r['GB_per_s']:.1f} |" for r in rows]
+    lines += ["", "Tensors count parameters and buffers (BN statistics; `num_batches_tracked` is "
+              "copied). Command: `python benchmarks/update_timing.py`."]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

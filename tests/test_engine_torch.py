@@ -410,3 +410,17 @@ def test_grad_accumulation_updates_once_per_optimizer_step():
         global_step = micro // 4 + 1
         ema.update(step=global_step)
     assert ema.num_updates == 2 and ema.step == 2
+
+
+def test_state_moves_between_numpy_and_torch():
+    t_src = {"w": torch.arange(4.0), "n": torch.tensor(2)}
+    n_src = {"w": np.arange(4.0, dtype=np.float32), "n": np.array(2)}
+    et, en = emakit.EMA(t_src, decay=0.5), emakit.EMA(n_src, decay=0.5)
+    t_src["w"].add_(2.0)
+    et.update()
+    en.load_state_dict(et.state_dict())
+    np.testing.assert_array_equal(en.shadows["w"], [1.0, 2.0, 3.0, 4.0])
+    assert en.step == 1
+    et2 = emakit.EMA({"w": torch.zeros(4), "n": torch.tensor(0)}, decay=0.5)
+    et2.load_state_dict(en.state_dict())
+    assert torch.equal(et2.shadows["w"], et.shadows["w"])

@@ -1,0 +1,62 @@
+"""CUDA checks: run on a machine with a GPU (the device tool), skipped cleanly elsewhere."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import emakit
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def cuda_source(seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return {
+        "a": torch.randn(257, 33, device="cuda", generator=g),
+        "b": torch.randn(1000, device="cuda", generator=g).bfloat16(),
+        "c": torch.randn(8, 8, device="cuda", generator=g).double(),
+        "n": torch.tensor(3, device="cuda"),
+    }
+
+
+def test_fast_path_equals_loop_on_cuda():
+    src = cuda_source(0)
+    fast, loop = emakit.EMA(src, decay=0.99), emakit.EMA(src, decay=0.99, foreach=False)
+    for i in range(1, 10):
+        for k, v in cuda_source(i).items():
+            src[k].copy_(v)
+        fast.update()
+        loop.update()
+    for k in src:
+        assert torch.equal(fast.shadows[k], loop.shadows[k]), k
+
+
+def test_update_does_not_synchronise_on_cuda():
+    src = cuda_source(0)
+    for guard in (False, True):
+        ema = emakit.EMA(src, decay=0.99, skip_nonfinite=guard)
+        ema.update()  # first update builds the plan
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ema.update()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cpu_offloaded_shadow_of_cuda_model_swaps_and_restores_bitwise():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16)).cuda()
+    ema = emakit.EMA(model, decay=0.9, device="cpu")
+    assert all(s.device.type == "cpu" for s in ema.shadows.values())
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with ema.swapped():
+        assert torch.equal(model[0].weight.cpu(), ema.shadows["0.weight"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
