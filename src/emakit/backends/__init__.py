@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
-__all__ = ["Backend", "Plan", "TensorInfo", "backend_for", "backend_named"]
+__all__ = ["Backend", "Plan", "TensorInfo", "backend_for", "backend_named", "bad_dtype"]
 
 
 class TensorInfo(NamedTuple):
@@ -89,6 +89,17 @@ class Backend(Protocol):
 
     def as_native(self, x: object, name: str) -> Any:
         """Convert a state tensor (possibly of the other backend) to this backend's type."""
+
+
+def bad_dtype(spec: object, library: str, example: str, *, known: bool) -> TypeError | ValueError:
+    """The error for a ``dtype=`` that is unknown (TypeError) or not floating (ValueError)."""
+    if not known:
+        return TypeError(f"dtype must be a {library} floating dtype or its name, got {spec!r}. "
+                         f"Example: {example}.")
+    return ValueError(
+        f"dtype must be a floating dtype (the shadow of an average), got {spec}. Integer "
+        f"tensors are copied in their own dtype; pass e.g. {example}."
+    )
 
 
 def _torch_backend() -> Backend:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from emakit.backends import Plan, TensorInfo
+from emakit.backends import Plan, TensorInfo, bad_dtype
 
 __all__ = ["BACKEND", "NumpyBackend", "lerp_into"]
 
@@ -141,15 +141,9 @@ class NumpyBackend:
         try:
             dtype = np.dtype(text)
         except TypeError:
-            raise TypeError(
-                f"dtype must be a numpy floating dtype or its name, got {spec!r}. "
-                "Example: dtype='float64'."
-            ) from None
+            raise bad_dtype(spec, "numpy", "dtype='float64'", known=False) from None
         if dtype.kind not in "fc":
-            raise ValueError(
-                f"dtype must be a floating dtype (the shadow of an average), got {dtype.name!r}. "
-                "Integer tensors are copied in their own dtype; pass e.g. dtype='float64'."
-            )
+            raise bad_dtype(repr(dtype.name), "numpy", "dtype='float64'", known=True)
         return dtype
 
     def shadow_dtype(self, x: Any, override: Any) -> Any:

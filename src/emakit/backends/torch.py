@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from emakit.backends import Plan, TensorInfo
+from emakit.backends import Plan, TensorInfo, bad_dtype
 
 __all__ = ["BACKEND", "TorchBackend"]
 
 _STAGING_ELEMENTS = 1 << 18  # 256K elements (1 MB in fp32): the staged chunk stays in cache
 _HALF = (torch.float16, torch.bfloat16)
+_EXAMPLE = "dtype=torch.float32 or dtype='float32'"
 
 
 class _Direct:
@@ -123,16 +124,10 @@ class TorchBackend:
             name = spec.name if isinstance(spec, np.dtype) else str(spec).removeprefix("torch.")
             found = getattr(torch, name, None)
             if not isinstance(found, torch.dtype):
-                raise TypeError(
-                    f"dtype must be a torch floating dtype or its name, got {spec!r}. "
-                    "Example: dtype=torch.float32 or dtype='float32'."
-                )
+                raise bad_dtype(spec, "torch", _EXAMPLE, known=False)
             dtype = found
         if not (dtype.is_floating_point or dtype.is_complex):
-            raise ValueError(
-                f"dtype must be a floating dtype (the shadow of an average), got {dtype}. "
-                "Integer tensors are copied in their own dtype; pass e.g. dtype=torch.float32."
-            )
+            raise bad_dtype(dtype, "torch", _EXAMPLE, known=True)
         return dtype
 
     def shadow_dtype(self, x: Any, override: Any) -> Any:
