@@ -23,6 +23,8 @@ __all__ = ["BACKEND", "TorchBackend"]
 
 _STAGING_ELEMENTS = 1 << 18  # 256K elements (1 MB in fp32): the staged chunk stays in cache
 _HALF = (torch.float16, torch.bfloat16)
+# tensor types whose storage can be re-pointed with ``.data =`` (not subclasses such as DTensor)
+_PLAIN = (torch.Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", torch.Tensor))
 _EXAMPLE = "dtype=torch.float32 or dtype='float32'"
 
 
@@ -35,7 +37,8 @@ class _Direct:
         self.whole = whole  # the group is every shadow in order: pass the sources list as is
 
     def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
-        srcs = list(sources) if self.whole else [sources[i] for i in self.index]
+        srcs = sources if self.whole and isinstance(sources, list) else [
+            sources[i] for i in self.index]
         torch._foreach_lerp_(self.shadows, srcs, weight)
 
 
@@ -203,8 +206,7 @@ class TorchBackend:
             return x.detach().to(device=device, copy=True)
 
     def can_alias(self, target: Any, value: Any) -> bool:
-        plain = type(target) in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer) and type(
-            value) is torch.Tensor
+        plain = type(target) in _PLAIN and type(value) is torch.Tensor
         return bool(plain and target.dtype == value.dtype and target.device == value.device
                     and target.shape == value.shape and target.stride() == value.stride())
 
