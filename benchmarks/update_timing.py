@@ -85,12 +85,14 @@ def main() -> None:
         model = build().to(dtype)
         fast = emakit.EMA(model, decay=0.999)
         loop = emakit.EMA(model, decay=0.999, foreach=False)
+        guard = emakit.EMA(model, decay=0.999, skip_nonfinite=True)
         n = sum(s.numel() for s in fast.shadows.values() if s.is_floating_point())
         flat, end = torch.zeros(n), torch.ones(n)
         times = interleaved({
             "flat lerp_": lambda flat=flat, end=end: flat.lerp_(end, 0.001),
             "emakit default (foreach)": fast.update,
             "emakit plain loop": loop.update,
+            "emakit skip_nonfinite=True": guard.update,
         }, args.repeats)
         ref = statistics.median(times["flat lerp_"])
         src_bytes = 2 if dtype == torch.bfloat16 else 4
