@@ -28,25 +28,16 @@ def to_numpy(x):
     return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-@given(ARRAYS, ARRAYS, BACKENDS, st.booleans())
-def test_decay_zero_copies(a, b, backend, fast):
+@pytest.mark.parametrize("decay", [0.0, 1.0], ids=["decay 0 copies", "decay 1 freezes"])
+@given(a=ARRAYS, b=ARRAYS, backend=BACKENDS, fast=st.booleans())
+def test_decay_zero_copies_and_decay_one_freezes(decay, a, b, backend, fast):
     b = np.resize(b, a.shape)
     p = {"w": as_backend(a, backend)}
-    ema = emakit.EMA(p, decay=0.0, foreach=fast)
-    p["w"][...] = as_backend(b, backend)
-    ema.update()
-    np.testing.assert_array_equal(to_numpy(ema.shadows["w"]), b)
-
-
-@given(ARRAYS, ARRAYS, BACKENDS, st.booleans())
-def test_decay_one_freezes(a, b, backend, fast):
-    b = np.resize(b, a.shape)
-    p = {"w": as_backend(a, backend)}
-    ema = emakit.EMA(p, decay=1.0, foreach=fast)
+    ema = emakit.EMA(p, decay=decay, foreach=fast)
     p["w"][...] = as_backend(b, backend)
     for _ in range(3):
         ema.update()
-    np.testing.assert_array_equal(to_numpy(ema.shadows["w"]), a)
+    np.testing.assert_array_equal(to_numpy(ema.shadows["w"]), b if decay == 0.0 else a)
 
 
 @given(ARRAYS, st.lists(DECAY, min_size=1, max_size=6), BACKENDS)
