@@ -106,12 +106,13 @@ def test_flat_fast_path_equals_plain_loop_bitwise(dtype):
     src = make()
     fast = emakit.EMA(src, decay=0.97)
     loop = emakit.EMA(src, decay=0.97, foreach=False)
-    for decay_step in range(25):
+    for _ in range(25):
         for k, v in make().items():
             src[k][...] = v
         fast.update()
         loop.update()
-        del decay_step
+    assert [g.index for g in fast._plan.groups] == [list(range(len(shapes)))]  # one flat buffer
+    assert fast._plan.loose == [] and loop._plan.groups == []
     for k in src:
         assert fast.shadows[k].dtype == (np.float32 if dtype == np.float16 else dtype)
         np.testing.assert_array_equal(fast.shadows[k], loop.shadows[k])

@@ -306,12 +306,13 @@ class EMA:
     def _fetch(self) -> tuple[list[Any], list[Any]]:
         avg = self._source.fetch(self._avg_names)
         cpy = self._source.fetch(self._copy_names) if self._copy_names else []
+        both = avg + cpy
         try:
-            signature = self._backend.signature(avg + cpy)
+            signature = self._backend.signature(both)
         except AttributeError:
             signature = None
         if signature is None or signature != self._signature:
-            self._validate(avg + cpy)
+            self._validate(both)
             self._signature = signature
             self._plan = None
         return avg, cpy
@@ -468,8 +469,7 @@ class EMA:
                 if b.can_alias(target, value):
                     done.append((target, b.repoint(target, value), True))
                 else:
-                    device = b.info(shadow).device if b.name == "torch" else None
-                    done.append((target, b.clone(target, device), False))
+                    done.append((target, b.clone(target, b.info(shadow).device), False))
                     copy_targets.append(target)
                     copy_values.append(value)
             b.copy_(copy_targets, copy_values)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
-__all__ = ["Backend", "Plan", "TensorInfo", "backend_for", "backend_named", "bad_dtype"]
+__all__ = ["Backend", "Plan", "TensorInfo", "backend_for", "bad_dtype"]
 
 
 class TensorInfo(NamedTuple):
@@ -112,15 +112,6 @@ def _numpy_backend() -> Backend:
     from emakit.backends import numpy as numpy_backend
 
     return numpy_backend.BACKEND
-
-
-def backend_named(name: str) -> Backend:
-    """The backend called ``"numpy"`` or ``"torch"``."""
-    if name == "numpy":
-        return _numpy_backend()
-    if name == "torch":
-        return _torch_backend()
-    raise ValueError(f"unknown backend {name!r}; known: 'numpy', 'torch'.")
 
 
 def backend_for(x: object) -> Backend | None:
