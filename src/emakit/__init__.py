@@ -14,6 +14,7 @@
 """
 
 from emakit import schedules
+from emakit.best import KeepBest
 from emakit.ema import EMA, FORMAT_VERSION, LoadResult
 from emakit.errors import EMAWarning, StateDictError, SwapError
 from emakit.policy import Policy
@@ -24,6 +25,7 @@ __all__ = [
     "EMA",
     "FORMAT_VERSION",
     "EMAWarning",
+    "KeepBest",
     "LoadResult",
     "Policy",
     "StateDictError",

@@ -440,6 +440,47 @@ class EMA:
         """
         return dict(zip(self._names, self._values()))
 
+    def model_state_dict(self, *, device: Any = None) -> dict[str, Any]:
+        """The source's whole state dict with the averaged weights in place of the tracked ones.
+
+        What a plain model needs to *be* the EMA model: every tracked tensor is the
+        (bias-corrected) average, cast to the dtype of the source's tensor; every untracked one
+        (skipped by the policy, e.g. non-float extras) is a copy of the source's current value.
+        All tensors are new, so they stay valid while training goes on; the source is not
+        touched, so this is right whether or not the EMA is swapped in.
+
+        Args:
+            device: where the tensors go (e.g. ``"cpu"`` for a file); default: where they are.
+
+        Returns:
+            ``name -> tensor`` in the source's order, loadable with ``model.load_state_dict``.
+
+        Example:
+            >>> import numpy as np
+            >>> import emakit
+            >>> w = {"w": np.array([1.0, 2.0], dtype=np.float16)}
+            >>> ema = emakit.EMA(w, decay=0.5)
+            >>> w["w"][:] = 3.0
+            >>> _ = ema.update()
+            >>> ema.model_state_dict()
+            {'w': array([2. , 2.5], dtype=float16)}
+        """
+        b = self._backend
+        state = self._source.state()
+        averaged = dict(zip(self._names, self._values()))
+        for name, value in state.items():
+            avg = averaged.get(name)
+            if avg is not None:
+                state[name] = b.converted(avg, value, device)
+            elif b.is_tensor(value):
+                state[name] = b.clone(value, device)  # else: extra state, kept as it is
+        return state
+
+    @property
+    def is_swapped(self) -> bool:
+        """True between :meth:`apply_shadow` and :meth:`restore` (inside :meth:`swapped`)."""
+        return self._swap is not None
+
     def _check_not_swapped(self, what: str) -> None:
         if self._swap is not None:
             raise SwapError(

@@ -37,6 +37,9 @@ class Source(Protocol):
     def entries(self) -> list[Entry]:
         """Every tensor the source offers, in a stable order."""
 
+    def state(self) -> dict[str, Any]:
+        """Everything the source holds, tracked or not, by name (a module's ``state_dict()``)."""
+
     def fetch(self, names: Sequence[str]) -> list[Any]:
         """The current tensors called ``names``, in that order."""
 
@@ -77,6 +80,9 @@ class ModuleSource:
         self._where = {e.name: (None, "", e.name in buffers) for e in out}
         self._resolve()
         return out
+
+    def state(self) -> dict[str, Any]:
+        return dict(self.module.state_dict())
 
     def _split(self, name: str) -> tuple[Any, str]:
         path, _, key = name.rpartition(".")
@@ -136,6 +142,9 @@ class MappingSource:
             Entry(name, t, False, bool(getattr(t, "requires_grad", True)))
             for name, t in self.mapping.items()
         ]
+
+    def state(self) -> dict[str, Any]:
+        return dict(self.mapping)
 
     def fetch(self, names: Sequence[str]) -> list[Any]:
         m = self.mapping

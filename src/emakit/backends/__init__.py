@@ -81,6 +81,9 @@ class Backend(Protocol):
     def clone(self, x: Any, device: object = None) -> Any:
         """A copy of ``x`` (on ``device`` when given)."""
 
+    def converted(self, x: Any, like: Any, device: object = None) -> Any:
+        """A new tensor holding ``x`` in ``like``'s dtype (on ``device`` when given)."""
+
     def can_alias(self, target: Any, value: Any) -> bool:
         """True if ``target`` can be re-pointed at ``value``'s memory (a pointer swap)."""
 

@@ -207,6 +207,9 @@ class NumpyBackend:
     def clone(self, x: Any, device: object = None) -> Any:
         return np.array(x, copy=True)
 
+    def converted(self, x: Any, like: Any, device: object = None) -> Any:
+        return np.array(x, dtype=like.dtype, copy=True)
+
     def can_alias(self, target: Any, value: Any) -> bool:
         return False
 

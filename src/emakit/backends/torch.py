@@ -205,6 +205,10 @@ class TorchBackend:
                 return x.detach().clone()
             return x.detach().to(device=device, copy=True)
 
+    def converted(self, x: Any, like: Any, device: object = None) -> Any:
+        with torch.no_grad():
+            return x.detach().to(dtype=like.dtype, device=device, copy=True)
+
     def can_alias(self, target: Any, value: Any) -> bool:
         plain = type(target) in _PLAIN and type(value) is torch.Tensor
         return bool(plain and target.dtype == value.dtype and target.device == value.device

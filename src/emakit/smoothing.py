@@ -1,0 +1,313 @@
+"""Exponential moving averages of time series (loss curves, metrics), with pandas' semantics.
+
+:func:`ewm` gives the numbers of ``pandas.Series.ewm(...).mean()`` for 1-D and N-D arrays (along an
+axis), including the handling of missing values (NaN), without pandas and without a Python loop per
+sample (NaN and +-inf are missing values, as in pandas). With ``beta = 1 - alpha``:
+
+- ``adjust=True`` (pandas' default): ``y_t = sum_i beta^(t-i) x_i / sum_i beta^(t-i)`` over the
+  observed ``i <= t`` -- the bias-corrected average (Adam's / TensorBoard's ``debias``).
+- ``adjust=False``: ``y_0 = x_0``, ``y_t = beta * y_(t-1) + alpha * x_t`` (seed 004's formula,
+  started from the first value).
+- ``debias=False``: the same recurrence started from zero, ``y_(-1) = 0``, *not* corrected: what a
+  hand-written loop with ``ema = np.zeros_like(x)`` gives (biased towards 0 early on).
+
+How it runs: every case is a linear recurrence ``s_t = a_t * s_(t-1) + u_t``. With a constant
+``a_t = beta`` (no missing values, or pandas' default ``ignore_na=False`` for ``adjust=True``),
+blocks of 64 samples are one matrix product with the lower-triangular Toeplitz matrix
+``beta^(k-i)`` (BLAS), and the block ends are chained by the same recurrence on 64x fewer
+values. Missing values with ``ignore_na=True`` pack the observations to the left first;
+``adjust=False`` with ``ignore_na=False`` and gaps has a varying ``a_t`` and uses a log-depth
+(Hillis-Steele) scan.
+Series are centred on their first observed value, so a constant series comes out exactly constant.
+
+Example:
+    >>> import numpy as np
+    >>> from emakit.smoothing import ewm
+    >>> ewm([1.0, 2.0, np.nan, 4.0], alpha=0.5).round(4)
+    array([1.    , 1.6667, 1.6667, 3.3636])
+    >>> ewm([1.0, 2.0, 3.0], alpha=0.5, adjust=False)
+    array([1.  , 1.5 , 2.25])
+    >>> ewm([1.0, 2.0, 3.0], alpha=0.5, debias=False)
+    array([0.5  , 1.25 , 2.125])
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["alpha_from", "ewm"]
+
+_BLOCK = 64
+F64 = npt.NDArray[np.float64]
+
+
+def _positive(name: str, value: object, *, low: float, low_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type "
+                        f"{type(value).__name__}.")
+    v = float(value)
+    bad = not math.isfinite(v) or (v <= low if low_open else v < low)
+    if bad:
+        rel = ">" if low_open else ">="
+        raise ValueError(f"{name} must be a finite number {rel} {low:g}, got {value!r}.")
+    return v
+
+
+def alpha_from(*, alpha: float | None = None, half_life: float | None = None,
+               span: float | None = None, com: float | None = None) -> float:
+    """The smoothing factor ``alpha`` from exactly one of pandas' four parameters.
+
+    ``alpha = 2 / (span + 1) = 1 / (1 + com) = 1 - 0.5 ** (1 / half_life)``.
+
+    Args:
+        alpha: the weight of the newest value, in (0, 1].
+        half_life: samples after which a value's weight halves, > 0.
+        span: the "N-sample" average, >= 1.
+        com: centre of mass, >= 0.
+
+    Returns:
+        ``alpha`` as a float in (0, 1].
+
+    Example:
+        >>> alpha_from(span=3), alpha_from(com=1), alpha_from(half_life=1)
+        (0.5, 0.5, 0.5)
+    """
+    given = {k: v for k, v in (("alpha", alpha), ("half_life", half_life), ("span", span),
+                               ("com", com)) if v is not None}
+    if len(given) != 1:
+        raise ValueError(
+            f"give exactly one of alpha, half_life, span or com, got {given or 'none'}. "
+            "Example: ewm(x, half_life=50)."
+        )
+    (name, value), = given.items()
+    if name == "alpha":
+        a = _positive("alpha", value, low=0.0, low_open=True)
+        if a > 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {value!r}.")
+        return a
+    if name == "half_life":
+        return -math.expm1(-math.log(2.0) / _positive("half_life", value, low=0.0,
+                                                       low_open=True))
+    if name == "span":
+        return 2.0 / (_positive("span", value, low=1.0, low_open=False) + 1.0)
+    return 1.0 / (1.0 + _positive("com", value, low=0.0, low_open=False))
+
+
+# ------------------------------------------------------------------------------------ scans
+def _toeplitz(beta: float, size: int) -> F64:
+    """``T[k, i] = beta^(k-i)`` for ``i <= k``, else 0 (``0^0 = 1``)."""
+    k = np.arange(size)
+    lag = k[:, None] - k[None, :]
+    return np.where(lag >= 0, beta ** np.maximum(lag, 0).astype(np.float64), 0.0)
+
+
+def _scan_const(u: F64, beta: float) -> F64:
+    """``s_t = beta * s_(t-1) + u_t`` along axis 1 of ``u`` (rows independent), ``s_(-1) = 0``.
+
+    Block ends come first from one matrix-vector product and their own (64x shorter) scan; each
+    block's incoming state, times beta, is then added to the block's first input, so one matrix
+    product with the Toeplitz matrix gives the final values. ``u`` may be overwritten.
+    """
+    m, n = u.shape
+    if n <= _BLOCK:
+        return np.asarray(u @ _toeplitz(beta, n).T, dtype=np.float64)
+    nb = -(-n // _BLOCK)
+    if nb * _BLOCK != n:
+        u = np.concatenate([u, np.zeros((m, nb * _BLOCK - n))], axis=1)
+    blocks = u.reshape(m, nb, _BLOCK)
+    tail = beta ** np.arange(_BLOCK - 1, -1, -1, dtype=np.float64)
+    ends = _scan_const(blocks @ tail, beta**_BLOCK)
+    blocks[:, 1:, 0] += beta * ends[:, :-1]
+    out = blocks.reshape(m * nb, _BLOCK) @ _toeplitz(beta, _BLOCK).T
+    return np.asarray(out.reshape(m, nb * _BLOCK)[:, :n], dtype=np.float64)
+
+
+def _scan_var(a: F64, b: F64) -> F64:
+    """``s_t = a_t * s_(t-1) + b_t`` along axis 1, ``s_(-1) = 0``, for ``a_t`` in [0, 1]."""
+    m, n = a.shape
+    nb = -(-n // _BLOCK)
+    pad = nb * _BLOCK - n
+    if pad:
+        a = np.concatenate([a, np.ones((m, pad))], axis=1)
+        b = np.concatenate([b, np.zeros((m, pad))], axis=1)
+    mul = a.reshape(m * nb, _BLOCK).copy()
+    acc = b.reshape(m * nb, _BLOCK).copy()
+    shift = 1
+    while shift < _BLOCK:  # log2(64) = 6 vectorised passes
+        acc[:, shift:] += mul[:, shift:] * acc[:, :-shift]
+        mul[:, shift:] *= mul[:, :-shift].copy()
+        shift *= 2
+    mul3, acc3 = mul.reshape(m, nb, _BLOCK), acc.reshape(m, nb, _BLOCK)
+    if nb > 1:
+        ends = _scan_var(np.ascontiguousarray(mul3[:, :, -1]),
+                         np.ascontiguousarray(acc3[:, :, -1]))
+        acc3[:, 1:, :] += mul3[:, 1:, :] * ends[:, :-1, None]
+    return np.asarray(acc3.reshape(m, nb * _BLOCK)[:, :n], dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------- the mean
+def _dense(x: F64, alpha: float, mode: str, gaps: F64 | None) -> F64:
+    """The average of rows with no missing values (``gaps``: positions between samples)."""
+    if alpha == 1.0:  # no memory: every output is its input, exactly
+        return np.array(x, dtype=np.float64)
+    beta = 1.0 - alpha
+    ref = x[:, :1].copy()
+    z = x - ref  # centred: a constant row gives exactly zero below
+    n = x.shape[1]
+    if mode == "first":  # adjust=False: z_0 = 0, z_t = c_t z_(t-1) + (1 - c_t) x_t
+        if gaps is None:
+            z *= alpha
+            return np.asarray(_scan_const(z, beta) + ref, dtype=np.float64)
+        old = beta**gaps
+        c = old / (old + alpha)
+        c[:, 0] = 0.0
+        return np.asarray(_scan_var(c, (1.0 - c) * z) + ref, dtype=np.float64)
+    s = _scan_const(z, beta)
+    # sum_(i<=t) beta^(t-i) = (1 - beta^(t+1)) / alpha; it is 1/alpha to the last bit once
+    # beta^(t+1) < 2^-60, so only that head is divided, the rest multiplied.
+    head = n if beta == 0.0 else min(n, math.ceil(-60 * math.log(2.0) / math.log(beta)) + 1)
+    t = np.arange(1, head + 1, dtype=np.float64)
+    w = np.ones(head) if beta == 0.0 else np.expm1(t * math.log(beta)) / math.expm1(math.log(beta))
+    if mode == "zeros":  # alpha * sum_i beta^(t-i) x_i, started from 0, not corrected
+        s[:, :head] += ref * w
+        s[:, head:] += ref / alpha
+        s *= alpha
+        return s
+    s[:, :head] /= w
+    s[:, head:] *= alpha
+    s += ref
+    return s
+
+
+def _ewm_rows(x: F64, alpha: float, mode: str, ignore_na: bool, minp: int) -> F64:
+    """The average along axis 1 of a 2-D float64 array (rows are independent series)."""
+    m, n = x.shape
+    if n == 0:
+        return np.array(x, dtype=np.float64)
+    finite = np.isfinite(x)
+    if finite.all():
+        y = _dense(x, alpha, mode, None)
+        if minp > 1:
+            y[:, : minp - 1] = np.nan
+        return y
+    observed = finite  # pandas treats +-inf as missing, like NaN
+    x = np.where(finite, x, 0.0)
+    index = np.int32 if n < 2**31 else np.int64
+    count = np.cumsum(observed, axis=1, dtype=index)
+    seen = count > 0
+    if ignore_na or mode == "first":
+        # Pack each row's observations to the left; positions go along for the gaps.
+        rows, cols = np.nonzero(observed)
+        slot = count[rows, cols] - 1
+        width = max(int(count[:, -1].max()), 1)
+        first = np.where(seen[:, -1], x[np.arange(m), np.argmax(observed, axis=1)], 0.0)
+        packed = np.repeat(first[:, None], width, axis=1)
+        packed[rows, slot] = x[rows, cols]
+        gaps = None
+        if mode == "first" and not ignore_na:
+            where = np.zeros((m, width))
+            where[rows, slot] = cols
+            gaps = np.diff(where, axis=1, prepend=0.0)
+            filler = np.arange(width)[None, :] >= count[:, -1:]
+            gaps[filler] = 1.0
+        out = _dense(packed, alpha, mode, gaps)
+        y = np.take_along_axis(out, np.maximum(count - 1, 0), axis=1)
+    else:
+        # adjust=True (or debias) with weights by absolute position: masked sums, filled forward.
+        beta = 1.0 - alpha
+        first_col = np.argmax(observed, axis=1)
+        ref = np.where(seen[:, -1], x[np.arange(m), first_col], 0.0)[:, None]
+        s = _scan_const(np.where(observed, x - ref, 0.0), beta)
+        w = _scan_const(observed.astype(np.float64), beta)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            full = alpha * (s + ref * w) if mode == "zeros" else s / w + ref
+        last = np.maximum.accumulate(np.where(observed, np.arange(n, dtype=index), 0), axis=1)
+        y = np.take_along_axis(full, last, axis=1)
+    y[count < max(minp, 1)] = np.nan
+    return y
+
+
+def ewm(
+    x: Any,
+    *,
+    alpha: float | None = None,
+    half_life: float | None = None,
+    span: float | None = None,
+    com: float | None = None,
+    adjust: bool = True,
+    ignore_na: bool = False,
+    min_periods: int = 0,
+    debias: bool | None = None,
+    axis: int = 0,
+) -> F64:
+    """Exponentially weighted moving average, as ``pandas.Series.ewm(...).mean()``.
+
+    With ``beta = 1 - alpha`` and the observed (non-NaN) samples ``x_i``:
+
+    - ``adjust=True``: ``y_t = sum_(i<=t) beta^(t-i) x_i / sum_(i<=t) beta^(t-i)``;
+    - ``adjust=False``: ``y_t = (w_old * y_prev + alpha * x_t) / (w_old + alpha)`` with
+      ``w_old = beta^g`` after a gap of ``g`` positions (``g = 1`` with ``ignore_na=True``); without
+      gaps this is ``y_t = beta * y_(t-1) + alpha * x_t``, ``y_0 = x_0``;
+    - ``debias=False``: ``y_t = alpha * sum_(i<=t) beta^(t-i) x_i`` (started from 0, uncorrected);
+      ``debias=True`` is the corrected average, identical to ``adjust=True``.
+
+    A missing value (NaN, and +-inf as in pandas) keeps the last average; weights follow absolute
+    positions unless ``ignore_na=True``, which drops the missing positions altogether. Computed in
+    float64. One deliberate difference: at exactly ``alpha=0.5`` (``com=1``) with ``adjust=False``,
+    ``ignore_na=False`` and gaps, pandas switches to its ``times=`` formula (new weight
+    ``1 - beta^g``); emakit keeps the formula above for every alpha.
+
+    Args:
+        x: array-like of numbers (lists, numpy arrays, pandas Series).
+        alpha, half_life, span, com: exactly one: the smoothing factor, a half-life in samples,
+            a span (``alpha = 2/(span+1)``) or a centre of mass (``alpha = 1/(1+com)``).
+        adjust: pandas' bias-corrected form (True) or the recurrence from the first value.
+        ignore_na: weights by position among observations only.
+        min_periods: outputs with fewer observations so far are NaN.
+        debias: None for pandas' semantics; False for the zero-started uncorrected average;
+            True for the corrected one (equals ``adjust=True``).
+        axis: the time axis of an N-D array.
+
+    Returns:
+        A float64 array of the shape of ``x``.
+
+    Raises:
+        TypeError, ValueError: for bad arguments or non-numeric data.
+
+    Example:
+        >>> import numpy as np
+        >>> ewm(np.array([[0.0, 10.0], [1.0, 20.0]]), alpha=0.5, adjust=False, axis=0)
+        array([[ 0. , 10. ],
+               [ 0.5, 15. ]])
+    """
+    a = alpha_from(alpha=alpha, half_life=half_life, span=span, com=com)
+    minp: object = min_periods
+    if isinstance(minp, bool) or not isinstance(minp, numbers.Integral) or int(minp) < 0:
+        raise ValueError(f"min_periods must be an int >= 0, got {min_periods!r}.")
+    if debias is not None and not adjust:
+        raise ValueError(
+            f"debias={debias!r} with adjust=False: debias selects the zero-started average, "
+            "adjust=False the one started from the first value. Pass only one of them."
+        )
+    mode = "first" if not adjust else ("zeros" if debias is False else "adjusted")
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"x must hold numbers, got {type(x).__name__} ({exc}).") from exc
+    if arr.ndim == 0:
+        raise ValueError("x must have at least one dimension (a series), got a scalar.")
+    ax: object = axis
+    if isinstance(ax, bool) or not isinstance(ax, numbers.Integral) \
+            or not -arr.ndim <= int(ax) < arr.ndim:
+        raise ValueError(f"axis={axis!r} is out of range for an array of {arr.ndim} dimensions.")
+    moved = np.moveaxis(arr, axis, -1)
+    rows = np.ascontiguousarray(moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1]))
+    if a == 1.0:  # no memory: each output is its own input (carried over missing values)
+        mode = "first"
+    out = _ewm_rows(rows, a, mode, bool(ignore_na), int(min_periods))
+    return np.moveaxis(out.reshape(moved.shape), -1, axis)
