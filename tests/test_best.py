@@ -129,7 +129,7 @@ def test_bf16_model_fp32_shadow_saves_model_dtype(tmp_path):
     ("min", [0.5, 0.6, 0.4, 0.4, 0.39], [0, 2, 4]),
 ])
 def test_modes(tmp_path, mode, metrics, saved_at):
-    model, opt, ema = _setup()
+    _model, _opt, ema = _setup()
     keep = emakit.KeepBest(ema, tmp_path / "b.safetensors", mode=mode)
     saves = [i for i, m in enumerate(metrics) if keep.observe(m)]
     assert saves == saved_at
@@ -137,7 +137,7 @@ def test_modes(tmp_path, mode, metrics, saved_at):
 
 
 def test_min_delta_and_sanity_checks_and_nan(tmp_path):
-    model, opt, ema = _setup()
+    _model, _opt, ema = _setup()
     keep = emakit.KeepBest(ema, tmp_path / "b.safetensors", min_delta=0.1)
     assert not keep.observe(0.9, sanity_check=True)
     assert not (tmp_path / "b.safetensors").exists() and keep.best is None
@@ -154,7 +154,7 @@ def test_min_delta_and_sanity_checks_and_nan(tmp_path):
 
 
 def test_resume_keeps_the_best(tmp_path):
-    model, opt, ema = _setup()
+    _model, _opt, ema = _setup()
     keep = emakit.KeepBest(ema, tmp_path / "b.safetensors")
     keep.observe(0.9)
     state = keep.state_dict()
@@ -186,7 +186,7 @@ def test_numpy_engine(tmp_path):
 
 
 def test_custom_saver(tmp_path):
-    model, opt, ema = _setup()
+    model, _opt, ema = _setup()
     calls = []
     keep = emakit.KeepBest(ema, tmp_path / "anything.bin",
                            save=lambda t, p, m: calls.append((sorted(t), p, m["emakit.mode"])))
@@ -195,10 +195,10 @@ def test_custom_saver(tmp_path):
 
 
 def test_bad_arguments(tmp_path):
-    model, opt, ema = _setup()
-    with pytest.raises(TypeError, match="ema must be an emakit.EMA, got Net"):
+    model, _opt, ema = _setup()
+    with pytest.raises(TypeError, match=r"ema must be an emakit\.EMA, got Net"):
         emakit.KeepBest(model, tmp_path / "b.pt")
-    with pytest.raises(ValueError, match="mode must be 'max'.*got 'best'"):
+    with pytest.raises(ValueError, match=r"mode must be 'max'.*got 'best'"):
         emakit.KeepBest(ema, tmp_path / "b.pt", mode="best")
     with pytest.raises(ValueError, match="min_delta must be a finite number >= 0, got -1"):
         emakit.KeepBest(ema, tmp_path / "b.pt", min_delta=-1)

@@ -63,14 +63,18 @@ def test_a_crash_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
 def test_atomic_path_replaces_only_on_success(tmp_path):
     dest = tmp_path / "x.txt"
     dest.write_text("old")
-    with pytest.raises(ValueError, match="stop"), atomic_path(dest) as tmp:
-        tmp.write_text("partial")
-        raise ValueError("stop")
+    def write_then_fail():
+        with atomic_path(dest) as tmp:
+            tmp.write_text("partial")
+            raise ValueError("stop")
+
+    with pytest.raises(ValueError, match="stop"):
+        write_then_fail()
     assert dest.read_text() == "old" and _leftovers(tmp_path) == []
     with atomic_path(dest) as tmp:
         tmp.write_text("new")
     assert dest.read_text() == "new" and _leftovers(tmp_path) == []
-    with pytest.raises(FileNotFoundError, match="does not exist. Create it first"), \
+    with pytest.raises(FileNotFoundError, match=r"does not exist\. Create it first"), \
             atomic_path(tmp_path / "nope" / "x.txt"):
         pass
 
@@ -107,7 +111,7 @@ def test_pickled_code_is_never_run(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"tensors": {"a": Evil()}}, path)
-    with pytest.raises(ValueError, match="not a readable .pt weight file"):
+    with pytest.raises(ValueError, match=r"not a readable \.pt weight file"):
         read_weights(path)
 
 
