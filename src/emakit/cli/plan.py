@@ -44,7 +44,7 @@ def parse_schedule(spec: str) -> schedules.Schedule:
         raise CLIError(f"--schedule {spec!r}: unknown schedule {name!r}; known: constant, "
                        "inverse-gamma, tf-warmup, exponential-ramp, power-function. Example: "
                        "--schedule inverse-gamma:power=0.75,max_decay=0.9999")
-    fields: dict[str, Any] = {"kind": kind}
+    fields: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
@@ -55,9 +55,10 @@ def parse_schedule(spec: str) -> schedules.Schedule:
             raise CLIError(f"--schedule {spec!r}: {key}={value!r} is not a number.") from None
         fields[key.strip()] = int(number) if key.strip() == "update_after_step" else number
     try:
-        return schedules.from_dict(fields)
+        schedule: schedules.Schedule = getattr(schedules, kind)(**fields)
     except (TypeError, ValueError) as exc:
         raise CLIError(f"--schedule {spec!r}: {exc}") from exc
+    return schedule
 
 
 def add_parser(sub: Any) -> None:

@@ -1,0 +1,250 @@
+"""The emakit command line: demo, smooth, plan -- the paths a user takes, bad input included."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from emakit.cli import main
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+pd = pytest.importorskip("pandas")
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _demo(capsys, tmp_path, *extra, name="out"):
+    out = tmp_path / name
+    rc, stdout, err = _run(capsys, "demo", "--epochs", 2, "--out", out, "--no-progress", *extra)
+    assert rc == 0, err
+    return out, stdout
+
+
+# ---------------------------------------------------------------------------------- demo
+def test_demo_writes_table_checkpoint_report_and_picture(capsys, tmp_path):
+    out, stdout = _demo(capsys, tmp_path)
+    assert "epoch  raw acc  EMA acc  train loss  decay" in stdout
+    assert "test accuracy: final raw weights" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert [r["epoch"] for r in report["epochs"]] == [1, 2]
+    assert report["settings"]["split"] == {"train": 1078, "val": 359, "test": 360}
+    assert set(report["timings"]) == {"total_s", "train_s", "eval_and_save_s"}
+    assert (out / "curves.png").read_bytes()[:8] == PNG
+    # The kept file is the EMA at the best epoch and loads into a plain model.
+    from safetensors.torch import load_file
+
+    from emakit.cli import demo
+
+    model = demo._model((1, 1, 8, 8), 10)
+    model.load_state_dict(load_file(out / "best_ema.safetensors"))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert set(ckpt) == {"epoch", "model", "optimizer", "ema", "keep_best"}
+    best = report["best"]
+    assert ckpt["keep_best"]["best"] == best["val_ema_acc"] == report["summary"]["best_ema_val_acc"]
+    if best["epoch"] == 2:  # the best is the last epoch: the file holds the final shadows
+        for k, v in ckpt["ema"]["shadows"].items():
+            assert torch.equal(model.state_dict()[k], v.to(model.state_dict()[k].dtype)), k
+
+
+def test_demo_is_deterministic_for_a_seed(capsys, tmp_path):
+    a, _ = _demo(capsys, tmp_path, "--seed", 3, name="a")
+    b, _ = _demo(capsys, tmp_path, "--seed", 3, name="b")
+    ra, rb = (json.loads((p / "report.json").read_text()) for p in (a, b))
+    for row in ra["epochs"] + rb["epochs"]:
+        row.pop("seconds")
+    assert ra["epochs"] == rb["epochs"] and ra["summary"] == rb["summary"]
+    from emakit.io import read_weights
+
+    (ta, ma), (tb, mb) = (read_weights(p / "best_ema.safetensors") for p in (a, b))
+    assert ma == mb and list(ta) == list(tb)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_demo_decay_option(capsys, tmp_path):
+    out, _stdout = _demo(capsys, tmp_path, "--decay", "0.9")
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["schedule"] == {"kind": "TFWarmup", "decay": 0.9}
+
+
+@pytest.mark.parametrize("shape", [(60, 5), (60, 6, 6), (60, 2, 5, 5)])
+def test_demo_on_user_data(capsys, tmp_path, shape):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, shape[0]) * 10 + 5  # any integer labels
+    x = rng.standard_normal(shape) + (y // 10).reshape((-1,) + (1,) * (len(shape) - 1))
+    np.savez(tmp_path / "mine.npz", X=x, y=y)
+    out, _stdout = _demo(capsys, tmp_path, "--data", tmp_path / "mine.npz")
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["data"] == "mine.npz (60 samples, 3 classes)"
+
+
+def _bad_npz(tmp_path, **arrays):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: p / "missing.npz", "no such file"),
+    (lambda p: (p / "t.npz").write_text("hello") and p / "t.npz", "is not a readable .npz file"),
+    (lambda p: _bad_npz(p, X=np.zeros((30, 2))), r"lacks the array\(s\) \['y'\]"),
+    (lambda p: _bad_npz(p, X=np.zeros((30, 2)), y=np.zeros(29)), "one label per row of X"),
+    (lambda p: _bad_npz(p, X=np.zeros((30, 2)), y=np.full(30, 0.5)), "integer class labels"),
+    (lambda p: _bad_npz(p, X=np.full((30, 2), np.nan), y=np.arange(30) % 2), "NaN or infinite"),
+    (lambda p: _bad_npz(p, X=np.zeros((30, 2)), y=np.zeros(30)), "2 classes"),
+    (lambda p: _bad_npz(p, X=np.zeros(30), y=np.arange(30) % 2), "X must be numbers shaped"),
+])
+def test_demo_bad_data(capsys, tmp_path, make, message):
+    rc, _, err = _run(capsys, "demo", "--epochs", 1, "--out", tmp_path / "o", "--no-progress",
+                      "--data", make(tmp_path))
+    assert rc == 2
+    assert err.startswith("emakit demo: error: --data")
+    assert re.search(message, err), err
+    assert not (tmp_path / "o" / "best_ema.safetensors").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--decay", "1.5"], r"--decay must be in \[0, 1\], got 1.5"),
+    (["--half-life", "-3"], "--half-life must be a number of steps > 0, got -3.0"),
+])
+def test_demo_bad_options(capsys, tmp_path, args, message):
+    rc, _, err = _run(capsys, "demo", "--out", tmp_path, *args)
+    assert rc == 2 and re.search(message, err), err
+
+
+def test_demo_decay_and_half_life_are_exclusive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--decay", "0.9", "--half-life", "10"])
+    assert exc.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_defaults_run_under_a_minute_and_the_ema_wins(capsys, tmp_path):
+    rc, _stdout, err = _run(capsys, "demo", "--out", tmp_path, "--no-progress")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["epochs"]) == 30 and report["timings"]["total_s"] < 60
+    s = report["summary"]
+    assert s["best_ema_val_acc"] > s["best_raw_val_acc"]
+    assert s["test_acc_best_ema"] > s["test_acc_final_raw"]
+
+
+def test_python_dash_m_and_version():
+    done = subprocess.run([sys.executable, "-m", "emakit", "--version"], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.startswith("emakit ")
+    bad = subprocess.run([sys.executable, "-m", "emakit", "plan", "--decay", "7"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "emakit plan: error: --decay must be in [0, 1]" in bad.stderr
+
+
+# -------------------------------------------------------------------------------- smooth
+def _log_csv(path, n=300):
+    rng = np.random.default_rng(1)
+    loss = 2 * np.exp(-np.arange(n) / 100) + rng.random(n)
+    rows = ["step,loss,lr"] + [f"{i + 1},{'' if i == 5 else v},0.1" for i, v in enumerate(loss)]
+    path.write_text("\n".join(rows) + "\n")
+    loss[5] = np.nan
+    return loss
+
+
+def test_smooth_csv_matches_pandas(capsys, tmp_path):
+    loss = _log_csv(tmp_path / "log.csv")
+    rc, _out, _ = _run(capsys, "smooth", tmp_path / "log.csv", "--column", "loss",
+                      "--half-life", 20, "--out", tmp_path / "s.csv", "--plot", tmp_path / "s.png")
+    assert rc == 0
+    table = pd.read_csv(tmp_path / "s.csv")
+    assert list(table.columns) == ["step", "loss", "loss_smoothed"]
+    want = pd.Series(loss).ewm(halflife=20).mean().to_numpy()
+    np.testing.assert_allclose(table["loss_smoothed"], want, rtol=1e-9)
+    assert (tmp_path / "s.png").read_bytes()[:8] == PNG
+
+
+def test_smooth_jsonl_to_stdout_skips_other_records(capsys, tmp_path):
+    lines = [{"step": 1, "loss": 4.0}, {"step": 1, "val_acc": 0.5}, {"step": 2, "loss": None},
+             {"step": 3, "loss": 2.0}]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    rc, out, _ = _run(capsys, "smooth", tmp_path / "log.jsonl", "--column", "loss",
+                      "--alpha", 0.4, "--no-adjust")
+    assert rc == 0
+    # (0.6^2 * 4 + 0.4 * 2) / (0.6^2 + 0.4): the gap decays the old weight twice, as in pandas
+    assert out.splitlines() == ["step,loss,loss_smoothed", "1,4,4", "2,,4", "3,2,2.947368421"]
+    want = pd.Series([4.0, np.nan, 2.0]).ewm(alpha=0.4, adjust=False).mean().iloc[-1]
+    assert want == pytest.approx(2.947368421)
+
+
+@pytest.mark.parametrize(("content", "args", "message"), [
+    (None, [], "no such file"),
+    ("", [], "is empty"),
+    ("step,loss\n", [], "has a header but no rows"),
+    ("step,los\n1,2\n", [], "has no column 'loss'; its columns are step, los"),
+    ("step,loss\n1,abc\n", [], r"log\.csv:2: 'loss' is 'abc', not a number"),
+    ('{"loss": 1}\n{"loss": \n', [], r"log\.csv:2: not valid JSON"),
+    ('{"acc": 1}\n', [], "no line has the key 'loss'"),
+    ("step,loss\n1,2\n", ["--x", "epoch"], "has no column 'epoch' for --x"),
+    ("step,loss\n1,2\n", ["--alpha", "0"], "alpha must be a finite number > 0"),
+])
+def test_smooth_bad_input(capsys, tmp_path, content, args, message):
+    path = tmp_path / "log.csv"
+    if content is not None:
+        path.write_text(content)
+    how = [] if any(a.startswith("--alpha") for a in args) else ["--span", "3"]
+    rc, _out, err = _run(capsys, "smooth", path, "--column", "loss", *how, *args)
+    assert rc == 2 and err.startswith("emakit smooth: error:")
+    assert re.search(message, err), err
+
+
+# ---------------------------------------------------------------------------------- plan
+def test_plan_constant_decay_and_the_trap(capsys):
+    rc, out, _ = _run(capsys, "plan", "--decay", 0.9999, "--steps", 5000)
+    assert rc == 0
+    assert "half-life: 6,931 optimizer steps" in out
+    assert "effective window 1/(1-d): 10,000 steps" in out
+    assert "60.65% the initial weights" in out
+    assert "WARNING: the window is too long for a 5,000-step run" in out
+
+
+def test_plan_half_life_every_json(capsys):
+    rc, out, _ = _run(capsys, "plan", "--half-life", 100, "--every", 4, "--steps", 4000,
+                      "--last", 100, "--json")
+    assert rc == 0
+    report = json.loads(out)
+    assert report["half_life_steps"] == pytest.approx(100)
+    assert report["share_of_last"]["100"] == pytest.approx(0.5, abs=1e-9)
+    assert report["initial_share"] < 1e-9 and "warning" not in report
+
+
+def test_plan_schedule_at_steps_and_plot(capsys, tmp_path):
+    rc, out, _ = _run(capsys, "plan", "--schedule", "inverse-gamma:power=0.75,max_decay=0.999",
+                      "--at", "1,10,1000", "--steps", 2000, "--plot", tmp_path / "w.png")
+    assert rc == 0
+    assert "decay at step: 1: 0, 10: 0.822172, 1,000: 0.994377" in out
+    assert (tmp_path / "w.png").read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--schedule", "cosine"], "unknown schedule 'cosine'"),
+    (["--schedule", "power:gamma"], "'gamma' is not key=value"),
+    (["--schedule", "power:gamma=x"], "gamma='x' is not a number"),
+    (["--schedule", "power:gamma=-3"], "gamma must be in"),
+    (["--decay", "0.9", "--plot", "x.png"], "--plot needs --steps"),
+    (["--decay", "0.9", "--every", "0"], "--every must be >= 1, got 0"),
+    (["--half-life", "0"], "--half-life must be > 0 steps"),
+    (["--decay", "0.9", "--at", "a,b"], "give whole step numbers"),
+])
+def test_plan_bad_input(capsys, args, message):
+    rc, _, err = _run(capsys, "plan", *args)
+    assert rc == 2 and message in err, err
