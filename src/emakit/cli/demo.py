@@ -271,11 +271,9 @@ def _table(history: list[dict[str, Any]]) -> str:
 
 
 def _plot(history: list[dict[str, Any]], path: Path, *, title: str) -> None:
-    import matplotlib
+    from emakit.cli.figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     ax1.plot(epochs, [r["raw_acc"] for r in history], "o-", ms=3, label="training weights")
@@ -294,9 +292,4 @@ def _plot(history: list[dict[str, Any]], path: Path, *, title: str) -> None:
     ax2.grid(alpha=0.3)
     ax2.legend(loc="upper right")
     fig.suptitle(title)
-    fig.tight_layout()
-    from emakit.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)

@@ -170,16 +170,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(w: Any, sched: schedules.Schedule, path: Path, every: int) -> None:
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise ImportError("--plot needs matplotlib: pip install 'emakit[plot]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from emakit.cli.figures import pyplot, save_png
 
-    from emakit.io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = pyplot().subplots(figsize=(9, 4))
     per_step = w.weights / every
     ax.fill_between(w.steps, per_step, step="pre", alpha=0.35)
     ax.plot(w.steps, per_step, lw=1.2, drawstyle="steps-pre")
@@ -191,7 +184,4 @@ def _plot(w: Any, sched: schedules.Schedule, path: Path, every: int) -> None:
                  f"(initial weights: {100 * w.initial:.2f}%)")
     ax.set_xlim(0, end)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)

@@ -131,15 +131,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _plot(xs: np.ndarray, values: np.ndarray, smoothed: np.ndarray, xname: str, name: str,
           args: argparse.Namespace) -> None:
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise ImportError("--plot needs matplotlib: pip install 'emakit[plot]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from emakit.cli.figures import pyplot, save_png
 
-    from emakit.io import atomic_path
-
+    plt = pyplot()
     how = next(f"{k.replace('_', '-')} {getattr(args, k):g}" for k in
                ("half_life", "alpha", "span", "com") if getattr(args, k) is not None)
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -148,7 +142,4 @@ def _plot(xs: np.ndarray, values: np.ndarray, smoothed: np.ndarray, xname: str, 
     ax.set(xlabel=xname, ylabel=name, title=f"{args.file.name}: {name}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(args.plot) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, args.plot)
