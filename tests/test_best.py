@@ -24,14 +24,15 @@ class Net(torch.nn.Module):
         return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
 
 
-def _train(model, opt, steps, ema, seed=0):
+def _train(model, opt, steps, ema=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         x = torch.randn(4, 1, 6, 6, generator=g).to(model.head.weight.dtype)
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
-        ema.update()
+        if ema is not None:
+            ema.update()
 
 
 def _setup(dtype=torch.float32, **kw):
@@ -83,7 +84,7 @@ def test_observe_never_saves_the_training_weights(tmp_path, swapped):
     model, opt, ema = _setup()
     keep = emakit.KeepBest(ema, tmp_path / "best.pt")
     _train(model, opt, 3, ema)
-    _train(model, opt, 2, ema.__class__(model, decay=0.0))  # move the weights without the EMA
+    _train(model, opt, 2)  # move the training weights away from the EMA
     if swapped:
         with ema.swapped():
             keep.observe(1.0)
@@ -200,7 +201,7 @@ def test_bad_arguments(tmp_path):
         emakit.KeepBest(model, tmp_path / "b.pt")
     with pytest.raises(ValueError, match=r"mode must be 'max'.*got 'best'"):
         emakit.KeepBest(ema, tmp_path / "b.pt", mode="best")
-    with pytest.raises(ValueError, match="min_delta must be a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"min_delta must be in \[0.0, inf\), got -1"):
         emakit.KeepBest(ema, tmp_path / "b.pt", min_delta=-1)
     with pytest.raises(ValueError, match=r"must end in one of \.safetensors"):
         emakit.KeepBest(ema, tmp_path / "b.ckpt")

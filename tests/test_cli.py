@@ -197,7 +197,7 @@ def test_smooth_jsonl_to_stdout_skips_other_records(capsys, tmp_path):
     ('{"loss": 1}\n{"loss": \n', [], r"log\.csv:2: not valid JSON"),
     ('{"acc": 1}\n', [], "no line has the key 'loss'"),
     ("step,loss\n1,2\n", ["--x", "epoch"], "has no column 'epoch' for --x"),
-    ("step,loss\n1,2\n", ["--alpha", "0"], "alpha must be a finite number > 0"),
+    ("step,loss\n1,2\n", ["--alpha", "0"], r"alpha must be in \(0.0, 1.0\], got 0.0"),
 ])
 def test_smooth_bad_input(capsys, tmp_path, content, args, message):
     path = tmp_path / "log.csv"

@@ -189,12 +189,12 @@ def test_alpha_parametrisations():
 @pytest.mark.parametrize(("kw", "message"), [
     ({}, "exactly one of alpha, half_life, span or com, got none"),
     ({"alpha": 0.1, "span": 3}, "exactly one of"),
-    ({"alpha": 0.0}, r"alpha must be a finite number > 0"),
-    ({"alpha": 1.5}, r"alpha must be in \(0, 1\], got 1.5"),
-    ({"span": 0.5}, "span must be a finite number >= 1"),
-    ({"com": -1}, "com must be a finite number >= 0"),
-    ({"half_life": 0}, "half_life must be a finite number > 0"),
-    ({"half_life": float("nan")}, "half_life must be a finite number"),
+    ({"alpha": 0.0}, r"alpha must be in \(0.0, 1.0\], got 0.0"),
+    ({"alpha": 1.5}, r"alpha must be in \(0.0, 1.0\], got 1.5"),
+    ({"span": 0.5}, r"span must be in \[1.0, inf\), got 0.5"),
+    ({"com": -1}, r"com must be in \[0.0, inf\), got -1"),
+    ({"half_life": 0}, r"half_life must be in \(0.0, inf\), got 0"),
+    ({"half_life": float("nan")}, r"half_life must be in \(0.0, inf\), got nan"),
 ])
 def test_bad_parameters(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from emakit.ema import EMA
 from emakit.errors import EMAWarning
 from emakit.io.weights import SUFFIXES, write_weights
+from emakit.schedules import _real
 
 __all__ = ["KeepBest"]
 
@@ -87,10 +88,7 @@ class KeepBest:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' (higher is better) or 'min' (lower is better), "
                              f"got {mode!r}.")
-        delta: object = min_delta
-        if isinstance(delta, bool) or not isinstance(delta, numbers.Real) \
-                or not math.isfinite(float(delta)) or float(delta) < 0:
-            raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}.")
+        delta = _real("min_delta", min_delta, low=0.0, high=math.inf, high_open=True)
         self.path = Path(path)
         if save is None and self.path.suffix.lower() not in SUFFIXES:
             raise ValueError(f"path {str(path)!r} must end in one of {', '.join(SUFFIXES)} (or "
@@ -100,7 +98,7 @@ class KeepBest:
                             f"{type(save).__name__}.")
         self.ema = ema
         self.mode = mode
-        self.min_delta = float(min_delta)
+        self.min_delta = delta
         self._save = save
         self.best: float | None = None
         self.best_step: int | None = None

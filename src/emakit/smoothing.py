@@ -40,22 +40,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from emakit.schedules import _real
+
 __all__ = ["alpha_from", "ewm"]
 
 _BLOCK = 64
 F64 = npt.NDArray[np.float64]
-
-
-def _positive(name: str, value: object, *, low: float, low_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type "
-                        f"{type(value).__name__}.")
-    v = float(value)
-    bad = not math.isfinite(v) or (v <= low if low_open else v < low)
-    if bad:
-        rel = ">" if low_open else ">="
-        raise ValueError(f"{name} must be a finite number {rel} {low:g}, got {value!r}.")
-    return v
 
 
 def alpha_from(*, alpha: float | None = None, half_life: float | None = None,
@@ -85,17 +75,15 @@ def alpha_from(*, alpha: float | None = None, half_life: float | None = None,
             "Example: ewm(x, half_life=50)."
         )
     (name, value), = given.items()
+    inf = math.inf
     if name == "alpha":
-        a = _positive("alpha", value, low=0.0, low_open=True)
-        if a > 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {value!r}.")
-        return a
+        return _real("alpha", value, low=0.0, high=1.0, low_open=True)
     if name == "half_life":
-        return -math.expm1(-math.log(2.0) / _positive("half_life", value, low=0.0,
-                                                       low_open=True))
+        h = _real("half_life", value, low=0.0, high=inf, low_open=True, high_open=True)
+        return -math.expm1(-math.log(2.0) / h)
     if name == "span":
-        return 2.0 / (_positive("span", value, low=1.0, low_open=False) + 1.0)
-    return 1.0 / (1.0 + _positive("com", value, low=0.0, low_open=False))
+        return 2.0 / (_real("span", value, low=1.0, high=inf, high_open=True) + 1.0)
+    return 1.0 / (1.0 + _real("com", value, low=0.0, high=inf, high_open=True))
 
 
 # ------------------------------------------------------------------------------------ scans
@@ -200,12 +188,12 @@ def _ewm_rows(x: F64, alpha: float, mode: str, ignore_na: bool, minp: int) -> F6
     index = np.int32 if n < 2**31 else np.int64
     count = np.cumsum(observed, axis=1, dtype=index)
     seen = count > 0
+    first = np.where(seen[:, -1], x[np.arange(m), np.argmax(observed, axis=1)], 0.0)
     if ignore_na or mode == "first":
         # Pack each row's observations to the left; positions go along for the gaps.
         rows, cols = np.nonzero(observed)
         slot = count[rows, cols] - 1
         width = max(int(count[:, -1].max()), 1)
-        first = np.where(seen[:, -1], x[np.arange(m), np.argmax(observed, axis=1)], 0.0)
         packed = np.repeat(first[:, None], width, axis=1)
         packed[rows, slot] = x[rows, cols]
         gaps = None
@@ -220,8 +208,7 @@ def _ewm_rows(x: F64, alpha: float, mode: str, ignore_na: bool, minp: int) -> F6
     else:
         # adjust=True (or debias) with weights by absolute position: masked sums, filled forward.
         beta = 1.0 - alpha
-        first_col = np.argmax(observed, axis=1)
-        ref = np.where(seen[:, -1], x[np.arange(m), first_col], 0.0)[:, None]
+        ref = first[:, None]
         s = _scan_const(np.where(observed, x - ref, 0.0), beta)
         w = _scan_const(observed.astype(np.float64), beta)
         with np.errstate(invalid="ignore", divide="ignore"):

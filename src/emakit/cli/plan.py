@@ -23,8 +23,7 @@ __all__ = ["add_parser", "parse_schedule", "run"]
 _NAMES = {
     "constant": "Constant", "inversegamma": "InverseGamma", "tfwarmup": "TFWarmup",
     "exponentialramp": "ExponentialRamp", "powerfunction": "PowerFunction",
-    "power": "PowerFunction", "karras": "PowerFunction", "timm": "InverseGamma",
-    "warmup": "InverseGamma", "yolo": "ExponentialRamp", "tf": "TFWarmup",
+    "power": "PowerFunction",
 }
 TRAP_SHARE = 0.05  # initial weights still holding more than this at the end: warn
 

@@ -43,14 +43,13 @@ def _is_torch(tensors: Mapping[str, Any]) -> bool:
     return any(type(t).__module__.startswith("torch") for t in tensors.values())
 
 
-def _need(module: str, extra: str) -> Any:
-    import importlib
-
+def _torch() -> Any:
     try:
-        return importlib.import_module(module)
+        import torch
     except ImportError as exc:
-        raise ImportError(f"writing this file needs {module.split('.')[0]!r}: pip install "
-                          f"'emakit[{extra}]'") from exc
+        raise ImportError("the .pt / .pth format needs torch: pip install -c constraints.txt "
+                          "'emakit[torch]'") from exc
+    return torch
 
 
 def write_weights(tensors: Mapping[str, Any], path: str | os.PathLike[str], *,
@@ -72,28 +71,29 @@ def write_weights(tensors: Mapping[str, Any], path: str | os.PathLike[str], *,
     with atomic_path(dest) as tmp:
         if suffix == ".safetensors":
             if torch_like:
-                st = _need("safetensors.torch", "torch")
+                import safetensors.torch
+
                 data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-                data = _unshare(data)
+                safetensors.torch.save_file(_unshare(data), str(tmp), metadata=meta)
             else:
                 import numpy as np
+                import safetensors.numpy
 
-                st = _need("safetensors.numpy", "torch")
-                data = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-            st.save_file(data, str(tmp), metadata=meta)
+                arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+                safetensors.numpy.save_file(arrays, str(tmp), metadata=meta)
         elif suffix == ".npz":
             if torch_like:
                 raise ValueError(f"{str(dest)!r}: .npz holds numpy arrays; save torch tensors as "
                                  ".safetensors or .pt.")
             import numpy as np
 
-            arrays = dict(tensors)
+            entries: dict[str, Any] = dict(tensors)
             if meta:
-                arrays[_META_KEY] = np.array(json.dumps(meta))
+                entries[_META_KEY] = np.array(json.dumps(meta))
             with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, **entries)
         else:
-            torch = _need("torch", "torch")
+            torch = _torch()
             torch.save({"tensors": dict(tensors), "metadata": meta}, tmp)
 
 
@@ -139,7 +139,7 @@ def read_weights(path: str | os.PathLike[str], *,
             meta_arr = arrays.pop(_META_KEY, None)
             meta = json.loads(str(meta_arr)) if meta_arr is not None else {}
             return arrays, meta
-        torch = _need("torch", "torch")
+        torch = _torch()
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
         raise ValueError(f"{str(src)!r} is not a readable {suffix} weight file: {exc}") from exc
@@ -151,7 +151,7 @@ def read_weights(path: str | os.PathLike[str], *,
 
 
 def _read_safetensors(src: Path, framework: str | None) -> tuple[dict[str, Any], dict[str, str]]:
-    safetensors = _need("safetensors", "torch")
+    import safetensors
     if framework is None:
         import importlib.util
 
