@@ -17,6 +17,7 @@ from emakit import schedules
 from emakit.best import KeepBest
 from emakit.ema import EMA, FORMAT_VERSION, LoadResult
 from emakit.errors import EMAWarning, StateDictError, SwapError
+from emakit.io.checkpoint import load, read_state, save
 from emakit.policy import Policy
 
 __version__ = "0.1.0"
@@ -31,5 +32,8 @@ __all__ = [
     "StateDictError",
     "SwapError",
     "__version__",
+    "load",
+    "read_state",
+    "save",
     "schedules",
 ]

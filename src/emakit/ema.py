@@ -271,6 +271,16 @@ class EMA:
         """Tracked name -> raw shadow tensor (before bias correction for ``init="zeros"``)."""
         return MappingProxyType(dict(zip(self._names, self._avg_shadows + self._copy_shadows)))
 
+    @property
+    def names(self) -> list[str]:
+        """The tracked names, averaged ones first, in the order of the state and the files."""
+        return list(self._names)
+
+    def source_dtypes(self) -> dict[str, str]:
+        """Tracked name -> dtype name of the source's tensor (e.g. ``"bfloat16"``)."""
+        b = self._backend
+        return {n: b.info(t).dtype for n, t in zip(self._names, self._source.fetch(self._names))}
+
     def decay_at(self, step: int) -> float:
         """The per-step decay the schedule gives at optimizer step ``step``."""
         return self._schedule(step)
@@ -634,13 +644,94 @@ class EMA:
         self._counters = b.new_counters(self._avg_shadows + self._copy_shadows)
 
     # -------------------------------------------------------------------------------- state
+    @classmethod
+    def from_checkpoint(cls, source: Any, path: Any, *, names: Any = None, strict: bool = True,
+                        **options: Any) -> EMA:
+        """A new EMA of ``source`` that starts from the average in a checkpoint file.
+
+        The file may come from emakit (:func:`emakit.save`, or ``state_dict()`` inside a
+        ``torch.save``) or from timm, Lightning, ema-pytorch, diffusers, torch-ema,
+        Ultralytics or ``AveragedModel`` (see :mod:`emakit.io.layouts`), so training can
+        switch libraries without losing the average. Names are matched to the source's,
+        allowing for one wrapper prefix (``module.``, ``_orig_mod.``, a LightningModule's
+        attribute). For emakit files every counter is restored; for the others the step is
+        the one the file records (``step=`` overrides it) and the decay must be given unless
+        the file records it exactly (diffusers, torch-ema). Foreign weights are cast to the
+        shadow dtype (fp32 by default, also for Ultralytics' fp16 average).
+
+        Args:
+            source: the model (as for :class:`EMA`).
+            path: the checkpoint file.
+            names: parameter names (or the model) for layouts that store a bare list of tensors;
+                default: ``source`` when it is a module.
+            strict: raise if the file lacks a tracked tensor (buffers excepted for layouts that
+                average parameters only) or holds names the model does not have.
+            **options: the keyword arguments of :class:`EMA` (``decay``, ``half_life``,
+                ``every``, ``dtype``, ``device``, ``policy``, ``step``, ...).
+
+        Returns:
+            The EMA, holding the file's average.
+
+        Raises:
+            ValueError: no known layout, no decay given where the file records none, or a
+                name or shape mismatch (:class:`~emakit.StateDictError`); nothing is half-done.
+
+        Example:
+            >>> import numpy as np, pathlib, tempfile
+            >>> import emakit
+            >>> w = {"w": np.array([1.0, 2.0])}
+            >>> ema = emakit.EMA(w, decay=0.9)
+            >>> w["w"] += 1.0
+            >>> _ = ema.update()
+            >>> path = pathlib.Path(tempfile.mkdtemp()) / "ema.safetensors"
+            >>> emakit.save(ema, path)
+            >>> again = emakit.EMA.from_checkpoint(w, path)
+            >>> again.averaged()["w"], again.step, again.schedule
+            (array([1.1, 2.1]), 1, Constant(decay=0.9))
+        """
+        from emakit.io.adopt import ema_from_checkpoint
+
+        return ema_from_checkpoint(cls, source, path, names=names, strict=strict,
+                                   options=options)
+
+    def _adopt(self, weights: Mapping[str, Any], num_updates: int) -> None:
+        """Copy averaged ``weights`` (by tracked name, cast to the shadows' dtype) in."""
+        b = self._backend
+        mine = dict(zip(self._names, self._avg_shadows + self._copy_shadows))
+        try:
+            native = {n: b.as_native(w, repr(n)) for n, w in weights.items()}
+        except TypeError as exc:
+            raise StateDictError(str(exc)) from None
+        bad = [f"{n}: shape {b.info(w).shape} != {b.info(mine[n]).shape}"
+               for n, w in native.items() if b.info(w).shape != b.info(mine[n]).shape]
+        if bad:
+            raise StateDictError("the checkpoint's tensors do not fit this model",
+                                 mismatched=bad, fix="Use the model the checkpoint was made for.")
+        b.copy_([mine[n] for n in native], list(native.values()))
+        self._num_updates = num_updates
+
     def state_dict(self) -> dict[str, Any]:
         """Everything that shapes future updates, with a ``format_version``.
 
         The tensors are the shadows themselves (no copy), as with ``nn.Module.state_dict``;
         the rest is plain Python, so ``torch.save`` / ``torch.load(weights_only=True)`` and JSON
         (for the non-tensor part) work.
+
+        Raises:
+            SwapError: while the EMA weights are swapped into the model. A training checkpoint
+                taken there would store the EMA weights as the model's training weights
+                (``model.state_dict()`` returns what the model holds); save after the
+                ``swapped()`` block. To save the EMA *model* weights, use
+                :meth:`model_state_dict`, which is right anywhere.
         """
+        if self._swap is not None:
+            raise SwapError(
+                "state_dict() called while the EMA weights are swapped into the model: a "
+                "checkpoint written now would hold the EMA weights where the model's training "
+                "weights belong (model.state_dict() returns what the model holds). Save the "
+                "checkpoint after the swapped() block; for the EMA model weights use "
+                "ema.model_state_dict(), which is right anywhere."
+            )
         state: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "backend": self._backend.name,

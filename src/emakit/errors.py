@@ -34,6 +34,8 @@ class StateDictError(ValueError):
     def __init__(self, problem: str, *, missing: Sequence[str] = (),
                  unexpected: Sequence[str] = (), mismatched: Sequence[str] = (),
                  fix: str = "") -> None:
+        self.problem = problem
+        self.fix = fix
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)
@@ -48,3 +50,9 @@ class StateDictError(ValueError):
         if fix:
             parts.append(fix)
         super().__init__("; ".join(parts[:-2]) + ". " + " ".join(parts[-2:]))
+
+    def located(self, where: str) -> StateDictError:
+        """The same error with ``where`` (e.g. the file's name) in front of the problem."""
+        return StateDictError(f"{where}: {self.problem}", missing=self.missing,
+                              unexpected=self.unexpected, mismatched=self.mismatched,
+                              fix=self.fix)

@@ -1,4 +1,4 @@
-"""Files: atomic writes and weight files (safetensors, npz, torch), with clear errors."""
+"""Files: atomic writes, weight files, emakit checkpoints and other libraries' EMA layouts."""
 
 from emakit.io.atomic import atomic_path
 from emakit.io.weights import read_weights, write_weights

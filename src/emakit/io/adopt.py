@@ -1,0 +1,144 @@
+"""Start an EMA from the average in a checkpoint file (emakit's or another library's).
+
+The work behind :meth:`emakit.EMA.from_checkpoint`: read the file (:mod:`emakit.io.layouts`),
+match its names to the model's (:func:`match_names`), then build the EMA and copy the average in,
+after every check has passed.
+
+Example:
+    >>> match_names(["module.fc.weight", "module.fc.bias"], ["fc.weight", "fc.bias"])
+    ({'fc.weight': 'module.fc.weight', 'fc.bias': 'module.fc.bias'}, "strip 'module.'")
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from emakit import schedules
+from emakit.errors import EMAWarning, StateDictError
+from emakit.io.layouts import EMACheckpoint, read_checkpoint
+
+if TYPE_CHECKING:
+    from emakit.ema import EMA
+
+__all__ = ["ema_from_checkpoint", "match_names"]
+
+
+def _prefixes(name: str, limit: int = 3) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:k]) + "." for k in range(1, min(limit, len(parts) - 1) + 1)]
+
+
+def match_names(found: Sequence[str], wanted: Sequence[str]) -> tuple[dict[str, str], str]:
+    """Map ``wanted`` names to ``found`` ones, allowing one wrapper prefix on either side.
+
+    Tries the names as they are, with a prefix stripped from the found names (``module.`` of
+    DDP, ``_orig_mod.`` of torch.compile, a LightningModule's attribute) and with a prefix
+    added, and keeps the transform that matches the most names (as-is wins ties).
+
+    Args:
+        found: the names in the file.
+        wanted: the names the EMA tracks.
+
+    Returns:
+        ``(wanted name -> found name for every match, a description of the transform)``.
+    """
+    wanted_set = set(wanted)
+    candidates: list[tuple[str, dict[str, str]]] = [("as is", {n: n for n in found})]
+    strip: set[str] = {"module.", "_orig_mod.", "module._orig_mod."}
+    add: set[str] = set()
+    if found:
+        strip.update(_prefixes(found[0]))
+    if wanted:
+        add.update(_prefixes(wanted[0]))
+    for p in sorted(strip):
+        candidates.append((f"strip {p!r}", {n[len(p):]: n for n in found if n.startswith(p)}))
+    for p in sorted(add):
+        candidates.append((f"add {p!r}", {p + n: n for n in found}))
+    best_label, best = candidates[0][0], dict[str, str]()
+    for label, table in candidates:
+        hits = {w: f for w, f in table.items() if w in wanted_set}
+        if len(hits) > len(best):
+            best_label, best = label, hits
+    ordered = {w: best[w] for w in wanted if w in best}
+    return ordered, best_label
+
+
+def _schedule(found: EMACheckpoint, options: dict[str, Any], path: str) -> None:
+    if options.get("decay") is not None or options.get("half_life") is not None:
+        return
+    if found.decay is None:
+        hint = "; ".join(n for n in found.notes if "decay" in n.lower())
+        raise ValueError(
+            f"{path!r}: the {found.layout} layout does not record its decay exactly"
+            f"{' (' + hint + ')' if hint else ''}. Pass decay= or half_life= to "
+            "EMA.from_checkpoint, the value the run used.")
+    options["decay"] = schedules.from_dict(dict(found.decay))
+
+
+def ema_from_checkpoint(cls: type[EMA], source: Any, path: Any, *, names: Any, strict: bool,
+                        options: Mapping[str, Any]) -> EMA:
+    """See :meth:`emakit.EMA.from_checkpoint`."""
+    if names is None and callable(getattr(source, "named_parameters", None)):
+        names = source
+    found = read_checkpoint(path, names=names)
+    where = repr(str(path))
+    opts = dict(options)
+    _schedule(found, opts, str(path))
+    if found.layout == "emakit":
+        return _from_emakit(cls, source, found, strict, opts, where)
+    if opts.get("step") is None:
+        opts["step"] = found.step or 0
+    ema = cls(source, **opts)
+    table, how = match_names(list(found.weights), ema.names)
+    weights = {n: found.weights[f] for n, f in table.items()}
+    missing = [n for n in ema.names if n not in weights]
+    if found.scope == "parameters":
+        params = set(_param_names(source, found))
+        missing = [n for n in missing if n in params or not params]
+    known = set(ema._source.state())
+    used = set(table.values())
+    unexpected = [f for f in found.weights if f not in used and _strip(f, how) not in known]
+    if strict and (missing or unexpected):
+        raise StateDictError(
+            f"{where}: the {found.layout} checkpoint{found.where} does not fit this model "
+            f"(names matched {how})", missing=missing, unexpected=unexpected,
+            fix="Use the model the checkpoint was made for, or pass strict=False to start from "
+                "the names it has (the rest start from the model's weights).")
+    try:
+        ema._adopt(weights, found.num_updates or 0)
+    except StateDictError as exc:
+        raise exc.located(where) from None
+    if missing or unexpected:
+        warnings.warn(f"{where}: started {len(weights)} of {len(ema.names)} tracked tensors "
+                      f"from the checkpoint; missing {missing[:5]}, unexpected {unexpected[:5]}.",
+                      EMAWarning, stacklevel=3)
+    return ema
+
+
+def _strip(name: str, how: str) -> str:
+    if how.startswith("strip "):
+        prefix = how[len("strip '"):-1]
+        return name[len(prefix):] if name.startswith(prefix) else name
+    if how.startswith("add "):
+        return how[len("add '"):-1] + name
+    return name
+
+
+def _param_names(source: Any, found: EMACheckpoint) -> Iterable[str]:
+    named = getattr(source, "named_parameters", None)
+    return [n for n, _ in named()] if callable(named) else []
+
+
+def _from_emakit(cls: type[EMA], source: Any, found: EMACheckpoint, strict: bool,
+                 opts: dict[str, Any], where: str) -> EMA:
+    state = dict(found.state or {})
+    opts.setdefault("every", state.get("every", 1))
+    opts.setdefault("init", state.get("init", "copy"))
+    ema = cls(source, **opts)
+    try:
+        ema.load_state_dict(state, strict=strict)
+    except StateDictError as exc:
+        raise exc.located(where) from None
+    return ema

@@ -1,0 +1,204 @@
+"""Reading other libraries' EMA checkpoints (real library output, see tests/peers.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import emakit
+import peers
+from emakit.io.adopt import match_names
+from emakit.io.layouts import read_checkpoint
+
+PEER_MODULES = {"timm": "timm", "ema-pytorch": "ema_pytorch", "torch-ema": "torch_ema",
+                "diffusers": "diffusers", "lightning": "lightning"}
+
+CASES = [
+    # layout, writer, decay to pass (None: the file records it), recorded step
+    ("timm", peers.write_timm, 0.9, None),
+    ("ema-pytorch", peers.write_ema_pytorch, 0.9, peers.STEPS),
+    ("torch-ema", peers.write_torch_ema, None, peers.STEPS),
+    ("diffusers", peers.write_diffusers, None, peers.STEPS),
+    ("averaged-model", peers.write_averaged_model, 0.9, None),
+    ("ultralytics", peers.write_ultralytics, 0.9, peers.STEPS),
+    ("lightning", peers.write_lightning, 0.9, 5),
+]
+
+
+def _needs(layout: str) -> None:
+    module = PEER_MODULES.get(layout)
+    if module and importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (pip install -e '.[peers]')")
+
+
+def test_peers_are_installed_in_ci() -> None:
+    """CI installs the peers extra, so the real-library tests below never skip there."""
+    if not os.environ.get("CI"):
+        pytest.skip("only checked in CI")
+    absent = [m for m in PEER_MODULES.values() if importlib.util.find_spec(m) is None]
+    assert not absent, f"the peers extra is not installed: {absent}"
+
+
+def _write(layout: str, writer: Any, tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    _needs(layout)
+    path = tmp_path / f"{layout}.ckpt"
+    return path, writer(path)
+
+
+@pytest.mark.parametrize(("layout", "writer", "decay", "step"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_detects_and_starts_from_peer(layout: str, writer: Any, decay: float | None,
+                                      step: int | None, tmp_path: Path) -> None:
+    path, expected = _write(layout, writer, tmp_path)
+    found = read_checkpoint(path, names=peers.net())
+    assert found.layout == layout
+    assert found.step == step
+    kwargs = {} if decay is None else {"decay": decay}
+    fresh = peers.net(seed=7)  # other weights: everything must come from the file
+    ema = emakit.EMA.from_checkpoint(fresh, path, **kwargs)
+    averaged = {k: v.double().numpy() if v.is_floating_point() else v.numpy()
+                for k, v in ema.averaged().items()}
+    for name, value in expected.items():
+        np.testing.assert_array_equal(averaged[name], value, err_msg=name)
+    if found.scope == "parameters":  # buffers are not averaged there: they start from the model
+        bn = fresh.body[1]
+        torch.testing.assert_close(ema.averaged()["body.1.running_mean"], bn.running_mean)
+    assert ema.step == (step or 0)
+    assert "ultralytics" not in sys.modules  # the pickled class was never imported
+    # it goes on averaging
+    with torch.no_grad():
+        fresh.head.weight.add_(1.0)
+    assert ema.update()
+
+
+def test_recorded_decay_matches_the_library(tmp_path: Path) -> None:
+    """torch-ema and diffusers record their decay; the emakit schedule gives the same numbers."""
+    _needs("diffusers")
+    _needs("torch-ema")
+    from diffusers.training_utils import EMAModel
+    from torch_ema import ExponentialMovingAverage
+
+    model = peers.net()
+    diff = EMAModel(model.parameters(), decay=0.95, use_ema_warmup=True, power=0.75,
+                    update_after_step=2, min_decay=0.1, inv_gamma=3.0)
+    tema = ExponentialMovingAverage(model.parameters(), decay=0.95)
+    torch.save(diff.state_dict(), tmp_path / "d.pt")
+    torch.save(tema.state_dict(), tmp_path / "t.pt")
+    sched_d = emakit.schedules.from_dict(read_checkpoint(tmp_path / "d.pt", names=model).decay)
+    sched_t = emakit.schedules.from_dict(read_checkpoint(tmp_path / "t.pt", names=model).decay)
+    for t in range(1, 60):
+        assert sched_d(t) == pytest.approx(diff.get_decay(t), abs=1e-15)
+        assert sched_t(t) == pytest.approx(min(0.95, (1 + t) / (10 + t)), abs=1e-15)
+
+
+def test_diffusers_without_warmup_asks_for_decay(tmp_path: Path) -> None:
+    _needs("diffusers")
+    path, _ = tmp_path / "d.pt", peers.write_diffusers(tmp_path / "d.pt", warmup=False)
+    with pytest.raises(ValueError, match=r"does not record its decay exactly.*pass decay="):
+        emakit.EMA.from_checkpoint(peers.net(), path)
+
+
+def test_timm_without_decay_is_refused(tmp_path: Path) -> None:
+    _needs("timm")
+    path = tmp_path / "t.pth.tar"
+    peers.write_timm(path)
+    with pytest.raises(ValueError, match=r"timm layout does not record its decay.*half_life="):
+        emakit.EMA.from_checkpoint(peers.net(), path)
+
+
+def test_inert_reader_runs_no_code(tmp_path: Path) -> None:
+    """A pickle whose reduce would run a command is read as an inert record, never executed."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"ema": {"w": torch.ones(2)}, "updates": 3, "payload": Evil()},
+               tmp_path / "evil.pt")
+    found = read_checkpoint(tmp_path / "evil.pt")
+    assert found.layout == "ultralytics" and found.num_updates == 3
+    assert not marker.exists()
+
+
+def test_names_are_matched_through_wrapper_prefixes() -> None:
+    wanted = ["fc.weight", "fc.bias"]
+    for found, how in [(["module.fc.weight", "module.fc.bias"], "strip 'module.'"),
+                       (["_orig_mod.fc.weight", "_orig_mod.fc.bias"], "strip '_orig_mod.'"),
+                       (["net.fc.weight", "net.fc.bias"], "strip 'net.'"),
+                       (["fc.weight", "fc.bias"], "as is")]:
+        table, label = match_names(found, wanted)
+        assert label == how and list(table) == wanted
+    table, label = match_names(["weight", "bias"], ["net.weight", "net.bias"])
+    assert label == "add 'net.'" and table == {"net.weight": "weight", "net.bias": "bias"}
+
+
+def test_shadow_list_needs_the_right_model(tmp_path: Path) -> None:
+    _needs("torch-ema")
+    path = tmp_path / "t.pt"
+    peers.write_torch_ema(path)
+    with pytest.raises(ValueError, match="holds 6 shadow tensors but 2 parameter names"):
+        read_checkpoint(path, names=["a", "b"])
+    numbered = read_checkpoint(path)
+    assert next(iter(numbered.weights)) == "shadow_params.0"
+
+
+def test_mismatched_model_is_refused_whole(tmp_path: Path) -> None:
+    _needs("ema-pytorch")
+    path = tmp_path / "e.pt"
+    peers.write_ema_pytorch(path)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
+    with pytest.raises(emakit.StateDictError, match=r"does not fit this model.*missing|unexpec"):
+        emakit.EMA.from_checkpoint(other, path, decay=0.9)
+    wrong_shape = peers.net()
+    wrong_shape.head = torch.nn.Linear(6, 4)
+    with pytest.raises(emakit.StateDictError, match=r"e.pt.*head.weight: shape"):
+        emakit.EMA.from_checkpoint(wrong_shape, path, decay=0.9)
+
+
+def test_unknown_file_names_the_layouts(tmp_path: Path) -> None:
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match=r"x.pt.*holds no EMA layout.*'epoch'.*Known layouts: "
+                                         r"emakit, timm"):
+        read_checkpoint(tmp_path / "x.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match=r"junk.pt.*not a readable torch checkpoint"):
+        read_checkpoint(tmp_path / "junk.pt")
+
+
+def test_plain_weights_and_nested_emakit_state(tmp_path: Path) -> None:
+    model = peers.net()
+    ema = emakit.EMA(model, decay=0.9, every=2)
+    peers.train(model, ema.update)
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "step": 5},
+               tmp_path / "train.pt")
+    found = read_checkpoint(tmp_path / "train.pt")
+    assert (found.layout, found.where, found.step) == ("emakit", "['ema']", peers.STEPS)
+    again = emakit.EMA.from_checkpoint(peers.net(seed=3), tmp_path / "train.pt")
+    assert again.every == 2 and again.num_updates == ema.num_updates
+    for name, value in ema.averaged().items():
+        assert torch.equal(again.averaged()[name], value)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    assert read_checkpoint(tmp_path / "plain.pt").layout == "plain"
+
+
+def test_reading_does_not_import_the_library(tmp_path: Path) -> None:
+    """Detection reads files only: a fresh interpreter imports none of the peers."""
+    _needs("ema-pytorch")
+    path = tmp_path / "e.pt"
+    peers.write_ema_pytorch(path)
+    code = ("import sys; from emakit.io.layouts import read_checkpoint; "
+            f"print(read_checkpoint({str(path)!r}).layout); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('ema_pytorch', 'timm', 'diffusers', 'torch_ema', 'lightning')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[:2] == ["ema-pytorch", "[]"]
