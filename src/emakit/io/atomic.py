@@ -39,6 +39,27 @@ def fsync_path(path: str | os.PathLike[str], *, directory: bool = False) -> None
         os.close(fd)
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it the portable way (and put it back)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(dest: Path) -> int:
+    """The replaced file's permissions, or what a new file gets (some writers use 0600)."""
+    try:
+        return dest.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` atomically.
@@ -66,6 +87,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         fsync_path(tmp)
+        os.chmod(tmp, _mode_for(dest))
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
