@@ -73,6 +73,8 @@ class EMACheckpoint:
             layout does not average buffers).
         state: for ``layout == "emakit"``, the full :meth:`EMA.state_dict`.
         notes: facts worth telling the user (what is not recorded, how names were found).
+        model_dtypes: name -> dtype name of the model's tensors, when recorded (emakit files),
+            so an export can be cast back to the model's dtypes.
     """
 
     layout: str
@@ -85,6 +87,7 @@ class EMACheckpoint:
     scope: Literal["state", "parameters"] = "state"
     state: dict[str, Any] | None = None
     notes: tuple[str, ...] = ()
+    model_dtypes: dict[str, str] | None = None
 
 
 def _is_tensor(x: object) -> bool:
@@ -163,7 +166,11 @@ def read_checkpoint(path: str | os.PathLike[str], *, names: Any = None,
         from emakit.io.checkpoint import read_state
 
         state = read_state(src, framework=framework)
-        return _emakit(str(src), "", state, header=state.pop("header"))
+        header = state.pop("header")
+        found = _emakit(str(src), "", state, header=header)
+        return dataclasses.replace(found, notes=(
+            f"written by emakit {header.get('emakit_version', '?')}, format_version "
+            f"{header['format_version']}", *found.notes))
     param_names = _param_names(names)
     found = _detect(str(src), "", obj, param_names)
     if found is None and isinstance(obj, Mapping):
@@ -174,8 +181,12 @@ def read_checkpoint(path: str | os.PathLike[str], *, names: Any = None,
                 break
     if found is None and isinstance(obj, Mapping) and obj and all(
             isinstance(k, str) and _is_tensor(v) for k, v in obj.items()):
-        found = EMACheckpoint("plain", str(src), "", dict(obj), notes=(
-            "a plain name -> tensor file: no EMA metadata (step and decay unknown)",))
+        kind = meta.get("emakit.kind")
+        note = (f"model weights written by emakit ({kind}); decay not recorded" if kind else
+                "a plain name -> tensor file: no EMA metadata (step and decay unknown)")
+        found = EMACheckpoint("plain", str(src), "", dict(obj), notes=(note,),
+                              step=_int(meta.get("emakit.step")),
+                              num_updates=_int(meta.get("emakit.num_updates")))
     if found is None:
         what = (f"a dict with keys {sorted(map(str, obj))[:12]}" if isinstance(obj, Mapping)
                 else f"a {type(obj).__name__}")
@@ -207,11 +218,10 @@ def _emakit(path: str, where: str, state: dict[str, Any],
             weights = {n: (t / divisor if actions.get(n) == "average" else t)
                        for n, t in weights.items()}
             notes.append("init='zeros': weights are bias-corrected")
-    if header is not None and header.get("source_dtypes"):
-        notes.append("model dtypes: " + ", ".join(sorted(set(header["source_dtypes"].values()))))
+    model_dtypes = dict(header["source_dtypes"]) if header and "source_dtypes" in header else None
     return EMACheckpoint("emakit", path, where, weights, step=_int(state.get("step")),
                          num_updates=_int(state.get("num_updates")), decay=state.get("decay"),
-                         state=state, notes=tuple(notes))
+                         state=state, notes=tuple(notes), model_dtypes=model_dtypes)
 
 
 def _shadow_list(path: str, where: str, layout: str, params: Any,

@@ -1,0 +1,116 @@
+"""Write the EMA weights of any supported checkpoint as a plain model state dict.
+
+The output loads with ``model.load_state_dict(safetensors.torch.load_file(path))`` -- no emakit
+needed. Averaged tensors are bias-corrected (``init="zeros"``) and, for emakit checkpoints, cast
+back to the model's dtypes by default (a bf16 model gets bf16 weights rounded from its fp32
+shadows); copied tensors (integer buffers) keep their dtype.
+
+Example:
+    >>> import numpy as np, pathlib, tempfile
+    >>> import emakit
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> w = {"w": np.array([1.0, 3.0], dtype=np.float32)}
+    >>> ema = emakit.EMA(w, decay=0.5)
+    >>> w["w"] += 2.0
+    >>> _ = ema.update()
+    >>> emakit.save(ema, folder / "ema.safetensors")
+    >>> summary = export_weights(folder / "ema.safetensors", folder / "model.safetensors")
+    >>> summary.tensors, summary.layout
+    (1, 'emakit')
+    >>> emakit.io.read_weights(folder / "model.safetensors", framework="numpy")[0]["w"]
+    array([2., 4.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from emakit.io.layouts import read_checkpoint
+from emakit.io.weights import write_weights
+
+__all__ = ["DTYPES", "ExportSummary", "export_weights"]
+
+DTYPES = ("model", "keep", "float32", "bfloat16", "float16", "float64")
+"""``model``: the model's dtypes where the file records them (emakit), else as stored;
+``keep``: as stored (the shadow dtype); or one floating dtype for every floating tensor."""
+
+
+class ExportSummary(NamedTuple):
+    """What :func:`export_weights` wrote."""
+
+    layout: str
+    tensors: int
+    bytes: int
+    path: str
+
+
+def _cast(x: Any, dtype: str) -> Any:
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return x.to(getattr(torch, dtype)) if x.is_floating_point() else x
+    import numpy as np
+
+    if not np.issubdtype(x.dtype, np.floating):
+        return x
+    if dtype == "bfloat16":
+        raise ValueError("--dtype bfloat16 needs torch tensors; this checkpoint holds numpy "
+                         "arrays. Use float16 or float32.")
+    return x.astype(dtype)
+
+
+def _nbytes(x: Any) -> int:
+    if hasattr(x, "element_size"):
+        return int(x.numel() * x.element_size())
+    return int(x.nbytes)
+
+
+def export_weights(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                   dtype: str = "model", names: Any = None,
+                   strip_prefix: str | None = None) -> ExportSummary:
+    """Read the EMA weights from ``path`` (any layout) and write them to ``out``.
+
+    Args:
+        path: a checkpoint file (see :mod:`emakit.io.layouts`).
+        out: ``.safetensors`` (default choice), ``.pt`` or ``.npz``; written atomically.
+        dtype: one of :data:`DTYPES`.
+        names: parameter names (or the model) for layouts that store bare lists of tensors.
+        strip_prefix: remove this prefix from every name that has it (e.g. ``"module."``).
+
+    Returns:
+        An :class:`ExportSummary`.
+
+    Raises:
+        ValueError: unknown ``dtype``, an unreadable checkpoint, or a layout that needs names.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
+    found = read_checkpoint(path, names=names)
+    if found.layout in ("diffusers", "torch-ema") and next(iter(found.weights), "").startswith(
+            "shadow_params."):
+        raise ValueError(f"{str(path)!r}: the {found.layout} layout stores its averages as a bare "
+                         "list; give the parameter names (one per line, in the model's "
+                         "named_parameters() order) with --names FILE.")
+    weights: dict[str, Any] = {}
+    for name, tensor in found.weights.items():
+        if dtype == "model":
+            target = (found.model_dtypes or {}).get(name)
+            value = _cast(tensor, target) if target else tensor
+        elif dtype == "keep":
+            value = tensor
+        else:
+            value = _cast(tensor, dtype)
+        if strip_prefix and name.startswith(strip_prefix):
+            name = name[len(strip_prefix):]
+        weights[name] = value
+    meta = {"emakit.kind": "ema-export", "emakit.layout": found.layout,
+            "emakit.source": Path(path).name}
+    if found.step is not None:
+        meta["emakit.step"] = str(found.step)
+    if found.num_updates is not None:
+        meta["emakit.num_updates"] = str(found.num_updates)
+    write_weights(weights, out, metadata=meta)
+    return ExportSummary(found.layout, len(weights), sum(map(_nbytes, weights.values())),
+                         str(out))
