@@ -167,10 +167,10 @@ def read_checkpoint(path: str | os.PathLike[str], *, names: Any = None,
 
         state = read_state(src, framework=framework)
         header = state.pop("header")
-        found = _emakit(str(src), "", state, header=header)
-        return dataclasses.replace(found, notes=(
+        own = _emakit(str(src), "", state, header=header)
+        return dataclasses.replace(own, notes=(
             f"written by emakit {header.get('emakit_version', '?')}, format_version "
-            f"{header['format_version']}", *found.notes))
+            f"{header['format_version']}", *own.notes))
     param_names = _param_names(names)
     found = _detect(str(src), "", obj, param_names)
     if found is None and isinstance(obj, Mapping):
