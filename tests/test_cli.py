@@ -58,6 +58,13 @@ def test_demo_writes_table_checkpoint_report_and_picture(capsys, tmp_path):
     assert best["epoch"] == 2 and ckpt["keep_best"]["best_step"] == ckpt["ema"]["step"]
     for k, v in ckpt["ema"]["shadows"].items():
         assert torch.equal(model.state_dict()[k], v.to(model.state_dict()[k].dtype)), k
+    # The emakit.save file holds the same EMA state as the torch checkpoint.
+    import emakit
+
+    saved = emakit.read_state(out / "ema.safetensors")
+    assert saved["step"] == ckpt["ema"]["step"] and saved["header"]["user"] == {"epoch": "2"}
+    assert all(torch.equal(saved["shadows"][k], v) for k, v in ckpt["ema"]["shadows"].items())
+    assert "emakit inspect" in stdout
 
 
 def test_demo_is_deterministic_for_a_seed(capsys, tmp_path):

@@ -8,7 +8,8 @@ on a test split that played no part in any choice. Uses only the public API: ``E
 ``swapped()``, ``KeepBest``, ``state_dict()``.
 
 Writes ``OUT/best_ema.safetensors`` (a plain state dict), ``OUT/checkpoint.pt`` (model, optimizer,
-EMA and KeepBest state, for resuming), ``OUT/report.json`` and ``OUT/curves.png``.
+EMA and KeepBest state, for resuming), ``OUT/ema.safetensors`` (the EMA alone, ``emakit.save``;
+try ``emakit inspect`` on it), ``OUT/report.json`` and ``OUT/curves.png``.
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
             torch.save({"epoch": epoch, "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
                         "keep_best": keep.state_dict()}, tmp)
+        emakit.save(ema, out / "ema.safetensors", metadata={"epoch": str(epoch)})
         t2 = time.perf_counter()
         train_s, eval_s = train_s + t1 - t0, eval_s + t2 - t1
         row = {"epoch": epoch, "train_loss": float(torch.stack(losses).mean()),
@@ -255,8 +257,9 @@ def run(args: argparse.Namespace) -> int:
           f"(gain {ema_best - raw_best:+.4f})")
     print(f"test accuracy: final raw weights {test_raw:.4f}, best EMA weights {test_best:.4f}")
     print(f"wrote {out / 'best_ema.safetensors'} (epoch {best_row['epoch']}), "
-          f"{out / 'checkpoint.pt'}, {out / 'report.json'}, {out / 'curves.png'} "
-          f"in {timings['total_s']:.1f} s")
+          f"{out / 'checkpoint.pt'}, {out / 'ema.safetensors'}, {out / 'report.json'}, "
+          f"{out / 'curves.png'} in {timings['total_s']:.1f} s")
+    print(f"see what the EMA file holds: emakit inspect {out / 'ema.safetensors'}")
     return 0
 
 
