@@ -45,6 +45,7 @@ def test_peers_are_installed_in_ci() -> None:
         pytest.skip("only checked in CI")
     absent = [m for m in PEER_MODULES.values() if importlib.util.find_spec(m) is None]
     assert not absent, f"the peers extra is not installed: {absent}"
+    assert importlib.util.find_spec("torchvision") is None, "torchvision breaks the peers"
 
 
 def _write(layout: str, writer: Any, tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
