@@ -1,4 +1,4 @@
-"""The ``emakit`` command line: ``emakit demo | smooth | plan | inspect | export``.
+"""The ``emakit`` command line: ``emakit demo | smooth | plan | inspect | export | bench``.
 
 Each command lives in its own module with ``add_parser(subparsers)`` and ``run(args) -> int``.
 Errors a user can fix (bad options, missing or malformed files) print one line to stderr and exit
@@ -21,14 +21,14 @@ class CLIError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from emakit.cli import demo, export, inspection, plan, smooth
+    from emakit.cli import bench, demo, export, inspection, plan, smooth
 
     parser = argparse.ArgumentParser(
         prog="emakit", description="Exponential moving averages of model weights.")
     parser.add_argument("--version", action="version", version=f"emakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (demo, smooth, plan, inspection, export):
+    for module in (demo, smooth, plan, inspection, export, bench):
         module.add_parser(sub)
     return parser
 

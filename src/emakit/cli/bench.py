@@ -1,0 +1,121 @@
+"""``emakit bench``: time the EMA update of emakit and every installed peer against one flat pass.
+
+Each model is built in plain torch (:mod:`emakit.bench.models`); each contender runs in a fresh
+process (``--quick``: one process per model) and is timed in chunks interleaved with one flat
+``lerp_`` over as many fp32 elements as the model has parameters (``x flat``; 1.00 is the
+single-pass limit), discarding chunks during which other processes used the CPU. Writes a
+markdown table and JSON to ``--out``, named by device, threads and torch version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from emakit.cli import CLIError
+
+__all__ = ["add_parser", "run"]
+
+QUICK_MODELS = ("tiny-gpt", "resnet50")
+FULL_MODELS = ("tiny-gpt", "resnet50", "gpt2-small", "linear-4x")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="benchmark the EMA update against peers and a flat pass",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="two small models, one process per model, short chunks (< 2 minutes)")
+    p.add_argument("--models", nargs="+", help="models to run (default: all four; --quick: two)")
+    p.add_argument("--contenders", nargs="+", help="contenders to run (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time emakit on bf16 copies of the models (fp32 shadows)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                   help="folder for the .md and .json results")
+    p.set_defaults(run=run)
+
+
+def _worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    proc = subprocess.run([sys.executable, "-m", "emakit.bench.worker", json.dumps(spec)],
+                          capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    if proc.returncode or not lines:
+        raise CLIError(f"benchmark worker failed for {spec['model']} {spec['contenders']}:\n"
+                       f"{proc.stderr[-2000:]}")
+    rows: list[dict[str, Any]] = json.loads(lines[-1])
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    out = ["| model | params / tensors | dtype | contender | ms / update | x flat | GB/s | "
+           "transient MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = (f"| {r['model']} | {r['params'] / 1e6:.1f}M / {r['tensors']} | {r['dtype']} | "
+                f"{r['contender']} |")
+        if "skipped" in r:
+            out.append(f"{head} {r['skipped']} | | | |")
+            continue
+        x = r["x_flat"] if r["contender"] != "emakit swap round trip" else float("nan")
+        out.append(f"{head} {r['update_ms']:.3f} | {x:.2f} | {r['gb_s']:.1f} | "
+                   f"{r.get('transient_mb', float('nan')):.1f} |")
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from emakit.bench.contenders import CONTENDERS
+    from emakit.bench.models import MODELS
+
+    models = args.models or (QUICK_MODELS if args.quick else FULL_MODELS)
+    contenders = args.contenders or list(CONTENDERS)
+    for m in models:
+        if m not in MODELS:
+            raise CLIError(f"unknown model {m!r}; choose from {', '.join(MODELS)}.")
+    for c in contenders:
+        if c not in CONTENDERS:
+            raise CLIError(f"unknown contender {c!r}; choose from {', '.join(CONTENDERS)}.")
+    if not args.out.is_dir():
+        raise CLIError(f"--out: no such folder: {str(args.out)!r}")
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
+    base = {"device": args.device, "threads": threads,
+            "chunks": 5 if args.quick else 15, "chunk_s": 0.03 if args.quick else 0.05}
+    jobs: list[dict[str, Any]] = []
+    for m in models:
+        groups = [contenders] if args.quick else [[c] for c in contenders]
+        jobs += [{**base, "model": m, "contenders": g} for g in groups]
+        if args.bf16:
+            jobs.append({**base, "model": m, "contenders": ["emakit", "emakit loop"],
+                         "dtype": "bfloat16"})
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for i, job in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {job['model']} {job.get('dtype', 'float32')}: "
+              f"{', '.join(job['contenders'])}", file=sys.stderr, flush=True)
+        rows += _worker(job)
+    seconds = time.perf_counter() - started
+    device = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "-")
+    name = (f"update-peers-{device}-{threads}threads-torch{torch.__version__.split('+')[0]}"
+            f"{'-quick' if args.quick else ''}")
+    meta = {"command": "emakit bench " + " ".join(sys.argv[2:]), "seconds": round(seconds, 1),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "threads": threads, "device": device}
+    (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    table = _table(rows)
+    (args.out / f"{name}.md").write_text(
+        f"# EMA update vs peers ({device}, {threads} threads, torch {torch.__version__})\n\n"
+        f"`{meta['command']}` ({seconds:.0f} s). x flat = median update time / median time of "
+        "one lerp_ over one flat fp32 buffer of the same element count (bf16 rows: of the same "
+        "bytes), timed interleaved; chunks during which other processes used the CPU are "
+        "discarded. Swap rows: one `with ema.swapped(): pass` round trip (x flat not "
+        f"meaningful). Transient MB: bytes torch allocated during one update.\n\n{table}\n")
+    print(table)
+    print(f"\nwrote {args.out / name}.md and .json in {seconds:.0f} s")
+    return 0
