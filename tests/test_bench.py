@@ -73,5 +73,5 @@ def test_bench_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_bench_cli_writes_results(tmp_path: Path) -> None:
     assert main(["bench", "--quick", "--models", "tiny-gpt", "--contenders", "emakit",
                  "timm ModelEmaV3", "--out", str(tmp_path)]) == 0
-    md = next(tmp_path.glob("update-peers-cpu-*-quick.md")).read_text()
+    md = next(tmp_path.glob("update-peers-cpu-*threads-torch*.*.*-quick.md")).read_text()
     assert "| tiny-gpt | 1.1M / 100 | float32 | emakit |" in md

@@ -122,6 +122,7 @@ CONTENDERS: dict[str, Callable[[nn.Module, float], Update]] = {
     "emakit": _emakit(),
     "emakit loop": _emakit(foreach=False),
     "emakit every=4": _emakit(every=4),
+    "emakit skip_nonfinite": _emakit(skip_nonfinite=True),
     "emakit swap round trip": _emakit_swap,
     "timm ModelEmaV3": _timm,
     "AveragedModel foreach": _averaged_model,

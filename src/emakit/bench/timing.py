@@ -70,18 +70,26 @@ def _chunk(fn: Callable[[], Any], calls: int, sync: Callable[[], None]) -> tuple
 
 
 def _calls_for(fn: Callable[[], Any], chunk_s: float, sync: Callable[[], None]) -> int:
+    """Calls per chunk, from batches of doubling size (a single call can mislead: with
+    ``every=k`` most calls are no-ops and every k-th one does the work)."""
     fn()
     sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    one = max(time.perf_counter() - t0, 1e-7)
-    return max(1, min(10_000, round(chunk_s / one)))
+    calls, elapsed = 1, 0.0
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= chunk_s / 4 or calls >= 8192:
+            break
+        calls *= 2
+    return max(1, min(10_000, round(chunk_s * calls / max(elapsed, 1e-9))))
 
 
 def interleaved(update: Callable[[], Any], flat: Callable[[], Any], *, chunks: int = 15,
                 chunk_s: float = 0.05, sync: Callable[[], None] = lambda: None,
-                max_tries: int = 4) -> Result:
+                max_tries: int = 4, multiple: int = 1) -> Result:
     """Time ``update`` against ``flat`` in alternating chunks; keep ``chunks`` clean pairs.
 
     Args:
@@ -92,11 +100,14 @@ def interleaved(update: Callable[[], Any], flat: Callable[[], Any], *, chunks: i
         sync: waits for queued device work (``torch.cuda.synchronize`` on a GPU).
         max_tries: give up on cleanliness after ``max_tries * chunks`` attempts (then the
             noisy chunks are kept too, and counted as discarded = -1).
+        multiple: calls per chunk of ``update`` are a multiple of this (``every=k``: k, so
+            each chunk holds whole cycles of skipped and working calls).
 
     Returns:
         A :class:`Result`.
     """
     n_update, n_flat = _calls_for(update, chunk_s, sync), _calls_for(flat, chunk_s, sync)
+    n_update = -(-n_update // multiple) * multiple
     ups: list[float] = []
     flats: list[float] = []
     noisy_up: list[float] = []

@@ -42,8 +42,9 @@ def run(spec: dict[str, Any]) -> list[dict[str, Any]]:
             row["skipped"] = f"not installed: {exc}"
             rows.append(row)
             continue
+        every = int(name.split("every=")[1]) if "every=" in name else 1
         result = interleaved(update, flat, chunks=spec.get("chunks", 15),
-                             chunk_s=spec.get("chunk_s", 0.05), sync=sync)
+                             chunk_s=spec.get("chunk_s", 0.05), sync=sync, multiple=every)
         flat_same_bytes = result.flat_s * scale
         row.update(update_ms=result.update_s * 1e3, flat_ms=flat_same_bytes * 1e3,
                    x_flat=result.update_s / flat_same_bytes,

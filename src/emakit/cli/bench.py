@@ -96,26 +96,38 @@ def run(args: argparse.Namespace) -> int:
                          "dtype": "bfloat16"})
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
+    device = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "-")
+    name = (f"update-peers-{device}-{threads}threads-torch{torch.__version__.split('+')[0]}"
+            f"{'-quick' if args.quick else ''}")
     for i, job in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {job['model']} {job.get('dtype', 'float32')}: "
               f"{', '.join(job['contenders'])}", file=sys.stderr, flush=True)
         rows += _worker(job)
-    seconds = time.perf_counter() - started
-    device = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "-")
-    name = (f"update-peers-{device}-{threads}threads-torch{torch.__version__.split('+')[0]}"
-            f"{'-quick' if args.quick else ''}")
-    meta = {"command": "emakit bench " + " ".join(sys.argv[2:]), "seconds": round(seconds, 1),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "threads": threads, "device": device}
-    (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    table = _table(rows)
-    (args.out / f"{name}.md").write_text(
-        f"# EMA update vs peers ({device}, {threads} threads, torch {torch.__version__})\n\n"
-        f"`{meta['command']}` ({seconds:.0f} s). x flat = median update time / median time of "
-        "one lerp_ over one flat fp32 buffer of the same element count (bf16 rows: of the same "
-        "bytes), timed interleaved; chunks during which other processes used the CPU are "
-        "discarded. Swap rows: one `with ema.swapped(): pass` round trip (x flat not "
-        f"meaningful). Transient MB: bytes torch allocated during one update.\n\n{table}\n")
-    print(table)
-    print(f"\nwrote {args.out / name}.md and .json in {seconds:.0f} s")
+        _write(args.out / name, rows, device, threads, time.perf_counter() - started,
+               done=i == len(jobs))  # after every job: a long run killed midway keeps its rows
+    print(_table(rows))
+    print(f"\nwrote {args.out / name}.md and .json in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _write(stem: Path, rows: list[dict[str, Any]], device: str, threads: int, seconds: float,
+           *, done: bool) -> None:
+    import torch
+
+    from emakit.io import atomic_path
+
+    meta = {"command": "emakit bench " + " ".join(sys.argv[2:]), "seconds": round(seconds, 1),
+            "complete": done, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "threads": threads, "device": device}
+    with atomic_path(f"{stem}.json") as tmp:
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    with atomic_path(f"{stem}.md") as tmp:
+        tmp.write_text(
+            f"# EMA update vs peers ({device}, {threads} threads, torch {torch.__version__})\n\n"
+            f"`{meta['command']}` ({seconds:.0f} s{'' if done else ', incomplete'}). x flat = "
+            "median update time / median time of one lerp_ over one flat fp32 buffer of the "
+            "same element count (bf16 rows: of the same bytes), timed interleaved; chunks during "
+            "which other processes used the CPU are discarded. Swap rows: one `with "
+            "ema.swapped(): pass` round trip (x flat not meaningful). every=4 rows: per optimizer "
+            "step. Transient MB: bytes torch allocated during one update.\n\n"
+            f"{_table(rows)}\n")
