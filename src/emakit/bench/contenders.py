@@ -7,7 +7,7 @@ Example:
     >>> import torch
     >>> from emakit.bench.contenders import CONTENDERS
     >>> update = CONTENDERS["emakit"](torch.nn.Linear(3, 2), 0.999)
-    >>> update()
+    >>> _ = update()
 """
 
 from __future__ import annotations
