@@ -15,7 +15,6 @@ comparison. Real library code runs wherever the library installs here without a 
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from emakit.bench.contenders import timm_model_ema
 
 STEPS = 5
 
@@ -64,21 +65,9 @@ def as_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
             for k, v in state.items()}
 
 
-def timm_module() -> Any:
-    spec = importlib.util.find_spec("timm")
-    if spec is None or spec.origin is None:
-        raise ImportError("timm is not installed")
-    file = Path(spec.origin).parent / "utils" / "model_ema.py"
-    loader_spec = importlib.util.spec_from_file_location("_timm_model_ema", file)
-    assert loader_spec is not None and loader_spec.loader is not None
-    module = importlib.util.module_from_spec(loader_spec)
-    loader_spec.loader.exec_module(module)
-    return module
-
-
 def write_timm(path: Path) -> dict[str, np.ndarray]:
     model = net()
-    ema = timm_module().ModelEmaV3(model, decay=0.9)
+    ema = timm_model_ema().ModelEmaV3(model, decay=0.9)
     counter = [0]
 
     def after() -> None:
