@@ -25,14 +25,11 @@ def test_models_have_the_documented_layouts() -> None:
 def test_no_contender_writes_into_the_model() -> None:
     """Each contender builds and runs on a small model, leaving the training weights alone."""
     for name, make in contenders.CONTENDERS.items():
-        if "swap" in name or "every" in name:
-            continue
         model = torch.nn.Sequential(torch.nn.Linear(3, 2))
         try:
-            make(model, 0.5)  # some peers need a first call
-        except ImportError:
+            update = make(model, 0.5)
+        except ImportError:  # a peer that is not installed
             continue
-        update = make(model, 0.5)
         before = [p.detach().clone() for p in model.parameters()]
         with torch.no_grad():
             for p in model.parameters():

@@ -298,7 +298,7 @@ def test_golden_numpy_file_keeps_loading(folder: Path) -> None:
     assert raw["w"].dtype == np.float64
 
 
-def test_golden_files_are_not_rewritten_by_the_recipe(tmp_path: Path,
+def test_the_recipe_still_reproduces_the_current_golden_files(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The recipe still writes files equal (in content) to the committed current version."""
     monkeypatch.setattr(recipes, "HERE", tmp_path)

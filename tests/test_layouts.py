@@ -132,14 +132,13 @@ def test_inert_reader_runs_no_code(tmp_path: Path) -> None:
 
 def test_names_are_matched_through_wrapper_prefixes() -> None:
     wanted = ["fc.weight", "fc.bias"]
-    for found, how in [(["module.fc.weight", "module.fc.bias"], "strip 'module.'"),
-                       (["_orig_mod.fc.weight", "_orig_mod.fc.bias"], "strip '_orig_mod.'"),
-                       (["net.fc.weight", "net.fc.bias"], "strip 'net.'"),
-                       (["fc.weight", "fc.bias"], "as is")]:
-        table, label = match_names(found, wanted)
-        assert label == how and list(table) == wanted
-    table, label = match_names(["weight", "bias"], ["net.weight", "net.bias"])
-    assert label == "add 'net.'" and table == {"net.weight": "weight", "net.bias": "bias"}
+    for prefix, how in [("module.", "strip 'module.'"), ("_orig_mod.", "strip '_orig_mod.'"),
+                        ("net.", "strip 'net.'"), ("", "as is")]:
+        found = [prefix + n for n in wanted]
+        renamed, label = match_names(found, wanted)
+        assert label == how and renamed == dict(zip(found, wanted))
+    renamed, label = match_names(["weight", "bias"], ["net.weight", "net.bias"])
+    assert label == "add 'net.'" and renamed == {"weight": "net.weight", "bias": "net.bias"}
 
 
 def test_shadow_list_needs_the_right_model(tmp_path: Path) -> None:

@@ -34,13 +34,9 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emakit.io.export import export_weights
+    from emakit.io.export import export_weights, read_names
 
-    names = None
-    if args.names is not None:
-        if not args.names.is_file():
-            raise CLIError(f"--names: no such file: {str(args.names)!r}")
-        names = [line.strip() for line in args.names.read_text().splitlines() if line.strip()]
+    names = None if args.names is None else read_names(args.names)
     if args.out.resolve() == args.checkpoint.resolve():
         raise CLIError("--out is the checkpoint itself; choose another file.")
     summary = export_weights(args.checkpoint, args.out, dtype=args.dtype, names=names,

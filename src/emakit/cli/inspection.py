@@ -25,25 +25,18 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def _dtype(x: Any) -> str:
-    return str(x.dtype).removeprefix("torch.")
-
-
-def _numel(x: Any) -> int:
-    return int(x.numel()) if hasattr(x, "numel") and callable(x.numel) else int(x.size)
-
-
-def _nbytes(x: Any) -> int:
-    return int(x.numel() * x.element_size()) if hasattr(x, "element_size") else int(x.nbytes)
-
-
 def describe(path: Path, names: Any = None) -> dict[str, Any]:
     """The facts ``emakit inspect`` prints, as a JSON-ready dict."""
+    import math
+
     from emakit import schedules
+    from emakit.backends import backend_for
+    from emakit.io.export import tensor_bytes
     from emakit.io.layouts import read_checkpoint
 
     found = read_checkpoint(path, names=names)
     weights = found.weights
+    infos = [backend_for(t).info(t) for t in weights.values()]  # type: ignore[union-attr]
     info: dict[str, Any] = {
         "file": str(path),
         "file_bytes": path.stat().st_size,
@@ -56,9 +49,9 @@ def describe(path: Path, names: Any = None) -> dict[str, Any]:
         "half_life": None,
         "scope": found.scope,
         "tensors": len(weights),
-        "elements": sum(_numel(t) for t in weights.values()),
-        "tensor_bytes": sum(_nbytes(t) for t in weights.values()),
-        "dtypes": dict(Counter(_dtype(t) for t in weights.values())),
+        "elements": sum(math.prod(i.shape) for i in infos),
+        "tensor_bytes": sum(tensor_bytes(t) for t in weights.values()),
+        "dtypes": dict(Counter(i.dtype for i in infos)),
         "model_dtypes": dict(Counter(found.model_dtypes.values())) if found.model_dtypes
         else None,
         "notes": list(found.notes),
@@ -118,9 +111,8 @@ def _table(info: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    names = None
-    if args.names is not None:
-        names = [ln.strip() for ln in args.names.read_text().splitlines() if ln.strip()]
-    info = describe(args.file, names)
+    from emakit.io.export import read_names
+
+    info = describe(args.file, None if args.names is None else read_names(args.names))
     print(json.dumps(info, indent=2) if args.json else _table(info))
     return 0

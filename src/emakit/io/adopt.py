@@ -6,13 +6,13 @@ after every check has passed.
 
 Example:
     >>> match_names(["module.fc.weight", "module.fc.bias"], ["fc.weight", "fc.bias"])
-    ({'fc.weight': 'module.fc.weight', 'fc.bias': 'module.fc.bias'}, "strip 'module.'")
+    ({'module.fc.weight': 'fc.weight', 'module.fc.bias': 'fc.bias'}, "strip 'module.'")
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from emakit import schedules
@@ -31,38 +31,36 @@ def _prefixes(name: str, limit: int = 3) -> list[str]:
 
 
 def match_names(found: Sequence[str], wanted: Sequence[str]) -> tuple[dict[str, str], str]:
-    """Map ``wanted`` names to ``found`` ones, allowing one wrapper prefix on either side.
+    """Rename ``found`` names into ``wanted``'s namespace, allowing one wrapper prefix.
 
     Tries the names as they are, with a prefix stripped from the found names (``module.`` of
     DDP, ``_orig_mod.`` of torch.compile, a LightningModule's attribute) and with a prefix
-    added, and keeps the transform that matches the most names (as-is wins ties).
+    added, and keeps the renaming under which the most names are wanted (as-is wins ties).
 
     Args:
         found: the names in the file.
         wanted: the names the EMA tracks.
 
     Returns:
-        ``(wanted name -> found name for every match, a description of the transform)``.
+        ``(found name -> its name in the model's namespace, for every found name; a
+        description of the renaming)``.
     """
     wanted_set = set(wanted)
-    candidates: list[tuple[str, dict[str, str]]] = [("as is", {n: n for n in found})]
+    renamings: list[tuple[str, Callable[[str], str]]] = [("as is", lambda n: n)]
     strip: set[str] = {"module.", "_orig_mod.", "module._orig_mod."}
-    add: set[str] = set()
     if found:
         strip.update(_prefixes(found[0]))
-    if wanted:
-        add.update(_prefixes(wanted[0]))
     for p in sorted(strip):
-        candidates.append((f"strip {p!r}", {n[len(p):]: n for n in found if n.startswith(p)}))
-    for p in sorted(add):
-        candidates.append((f"add {p!r}", {p + n: n for n in found}))
-    best_label, best = candidates[0][0], dict[str, str]()
-    for label, table in candidates:
-        hits = {w: f for w, f in table.items() if w in wanted_set}
-        if len(hits) > len(best):
-            best_label, best = label, hits
-    ordered = {w: best[w] for w in wanted if w in best}
-    return ordered, best_label
+        renamings.append((f"strip {p!r}", lambda n, p=p: n.removeprefix(p)))  # type: ignore[misc]
+    for p in sorted(_prefixes(wanted[0]) if wanted else ()):
+        renamings.append((f"add {p!r}", lambda n, p=p: p + n))  # type: ignore[misc]
+    best_label, best, best_hits = "as is", {n: n for n in found}, -1
+    for label, rename in renamings:
+        table = {n: rename(n) for n in found}
+        hits = sum(1 for n in table.values() if n in wanted_set)
+        if hits > best_hits:
+            best_label, best, best_hits = label, table, hits
+    return best, best_label
 
 
 def _schedule(found: EMACheckpoint, options: dict[str, Any], path: str) -> None:
@@ -91,15 +89,17 @@ def ema_from_checkpoint(cls: type[EMA], source: Any, path: Any, *, names: Any, s
     if opts.get("step") is None:
         opts["step"] = found.step or 0
     ema = cls(source, **opts)
-    table, how = match_names(list(found.weights), ema.names)
-    weights = {n: found.weights[f] for n, f in table.items()}
+    renamed, how = match_names(list(found.weights), ema.names)
+    tracked = set(ema.names)
+    weights = {renamed[f]: t for f, t in found.weights.items() if renamed[f] in tracked}
     missing = [n for n in ema.names if n not in weights]
-    if found.scope == "parameters":
-        params = set(_param_names(source, found))
-        missing = [n for n in missing if n in params or not params]
-    known = set(ema._source.state())
-    used = set(table.values())
-    unexpected = [f for f in found.weights if f not in used and _strip(f, how) not in known]
+    if found.scope == "parameters":  # buffers are not in such files: they start from the model
+        named = getattr(source, "named_parameters", None)
+        if callable(named):
+            params = {n for n, _ in named()}
+            missing = [n for n in missing if n in params]
+    known = set(ema._source.state())  # names the model has but the EMA skips are fine
+    unexpected = [f for f in found.weights if renamed[f] not in known]
     if strict and (missing or unexpected):
         raise StateDictError(
             f"{where}: the {found.layout} checkpoint{found.where} does not fit this model "
@@ -115,20 +115,6 @@ def ema_from_checkpoint(cls: type[EMA], source: Any, path: Any, *, names: Any, s
                       f"from the checkpoint; missing {missing[:5]}, unexpected {unexpected[:5]}.",
                       EMAWarning, stacklevel=3)
     return ema
-
-
-def _strip(name: str, how: str) -> str:
-    if how.startswith("strip "):
-        prefix = how[len("strip '"):-1]
-        return name[len(prefix):] if name.startswith(prefix) else name
-    if how.startswith("add "):
-        return how[len("add '"):-1] + name
-    return name
-
-
-def _param_names(source: Any, found: EMACheckpoint) -> Iterable[str]:
-    named = getattr(source, "named_parameters", None)
-    return [n for n, _ in named()] if callable(named) else []
 
 
 def _from_emakit(cls: type[EMA], source: Any, found: EMACheckpoint, strict: bool,

@@ -44,7 +44,8 @@ from emakit.ema import EMA, FORMAT_VERSION, LoadResult
 from emakit.errors import StateDictError
 from emakit.io.weights import read_weights, write_weights
 
-__all__ = ["HEADER_KEY", "KIND", "READABLE_VERSIONS", "load", "read_header", "read_state", "save"]
+__all__ = ["HEADER_KEY", "KIND", "READABLE_VERSIONS", "load", "parse_header", "read_header",
+           "read_state", "save", "state_from"]
 
 HEADER_KEY = "emakit"
 """The safetensors metadata key that holds the JSON header."""
@@ -125,10 +126,11 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     except Exception as exc:  # safetensors raises its own SafetensorError
         raise StateDictError(f"{_where(src)} is not a readable .safetensors file ({exc})",
                              fix="Is the file truncated or corrupt?") from None
-    return _parse_header(src, meta)
+    return parse_header(src, meta)
 
 
-def _parse_header(src: Path, meta: Mapping[str, str]) -> dict[str, Any]:
+def parse_header(src: Path, meta: Mapping[str, str]) -> dict[str, Any]:
+    """The checked JSON header from a safetensors file's metadata (see :func:`read_header`)."""
     raw = meta.get(HEADER_KEY)
     if raw is None:
         raise StateDictError(
@@ -183,6 +185,15 @@ def read_state(path: str | os.PathLike[str], *,
         tensors, _ = read_weights(src, framework=framework)
     except ValueError as exc:
         raise StateDictError(str(exc), fix="Is the file truncated or corrupt?") from None
+    return state_from(src, header, tensors)
+
+
+def state_from(src: Path, header: Mapping[str, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """The state (as :func:`read_state` returns it) from a file's header and tensors, checked.
+
+    Raises:
+        StateDictError: the tensors do not match the header (names, dtypes), naming the keys.
+    """
     dtypes = header["shadow_dtypes"]
     names = list(header["actions"])
     missing = [n for n in names if n not in tensors]
@@ -205,7 +216,7 @@ def read_state(path: str | os.PathLike[str], *,
     state["shadows"] = {n: tensors[n] for n in names}
     if "nonfinite_skips" in header:
         state["nonfinite_skips"] = header["nonfinite_skips"]
-    state["header"] = header
+    state["header"] = dict(header)
     return state
 
 

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 from emakit.io.layouts import read_checkpoint
 from emakit.io.weights import write_weights
 
-__all__ = ["DTYPES", "ExportSummary", "export_weights"]
+__all__ = ["DTYPES", "ExportSummary", "export_weights", "read_names", "tensor_bytes"]
 
 DTYPES = ("model", "keep", "float32", "bfloat16", "float16", "float64")
 """``model``: the model's dtypes where the file records them (emakit), else as stored;
@@ -61,10 +61,19 @@ def _cast(x: Any, dtype: str) -> Any:
     return x.astype(dtype)
 
 
-def _nbytes(x: Any) -> int:
+def tensor_bytes(x: Any) -> int:
+    """Bytes held by a torch tensor or numpy array."""
     if hasattr(x, "element_size"):
         return int(x.numel() * x.element_size())
     return int(x.nbytes)
+
+
+def read_names(path: str | os.PathLike[str]) -> list[str]:
+    """Parameter names from a text file, one per line (blank lines ignored)."""
+    src = Path(path)
+    if not src.is_file():
+        raise FileNotFoundError(f"no such names file: {str(src)!r}")
+    return [line.strip() for line in src.read_text().splitlines() if line.strip()]
 
 
 def export_weights(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
@@ -112,5 +121,5 @@ def export_weights(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
     if found.num_updates is not None:
         meta["emakit.num_updates"] = str(found.num_updates)
     write_weights(weights, out, metadata=meta)
-    return ExportSummary(found.layout, len(weights), sum(map(_nbytes, weights.values())),
+    return ExportSummary(found.layout, len(weights), sum(map(tensor_bytes, weights.values())),
                          str(out))

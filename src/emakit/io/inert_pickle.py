@@ -51,17 +51,15 @@ class Inert:
     """
 
     qualname = "?"
+    args: tuple[Any, ...]
+    state: Any
+    items: dict[Any, Any]
+    list_items: list[Any]
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-        self.state: Any = kwargs or None
-        self.items: dict[Any, Any] = {}
-        self.list_items: list[Any] = []
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Inert:
+    def __new__(cls, *args: Any, **kwargs: Any) -> Inert:  # NEWOBJ and REDUCE both land here
         obj = super().__new__(cls)
         obj.args = args
-        obj.state = None
+        obj.state = kwargs or None
         obj.items = {}
         obj.list_items = []
         return obj

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from emakit import schedules
+from emakit.backends import backend_for
 from emakit.io import inert_pickle
 
 __all__ = ["LAYOUTS", "EMACheckpoint", "read_checkpoint"]
@@ -91,8 +92,7 @@ class EMACheckpoint:
 
 
 def _is_tensor(x: object) -> bool:
-    mod = type(x).__module__
-    return (mod.startswith("torch") or mod == "numpy") and hasattr(x, "shape")
+    return backend_for(x) is not None
 
 
 def _int(x: object) -> int | None:
@@ -162,10 +162,10 @@ def read_checkpoint(path: str | os.PathLike[str], *, names: Any = None,
     obj, meta = _open(src, framework)
     from emakit.io.checkpoint import HEADER_KEY
 
-    if HEADER_KEY in meta:
-        from emakit.io.checkpoint import read_state
+    if HEADER_KEY in meta:  # an emakit.save file: check it with the tensors already read
+        from emakit.io.checkpoint import parse_header, state_from
 
-        state = read_state(src, framework=framework)
+        state = state_from(src, parse_header(src, meta), obj)
         header = state.pop("header")
         own = _emakit(str(src), "", state, header=header)
         return dataclasses.replace(own, notes=(
@@ -268,9 +268,8 @@ def _detect(path: str, where: str, obj: Any, names: list[str] | None) -> EMAChec
                              notes=tuple(notes))
     if "ema" in obj and "updates" in obj:
         ema = obj["ema"]
-        if inert_pickle.looks_like_module(ema) or hasattr(ema, "state_dict"):
-            weights = (inert_pickle.module_tensors(ema) if inert_pickle.looks_like_module(ema)
-                       else dict(ema.state_dict()))
+        if inert_pickle.looks_like_module(ema):
+            weights = inert_pickle.module_tensors(ema)
         elif isinstance(ema, Mapping):
             weights = dict(ema)
         else:
