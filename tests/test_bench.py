@@ -36,7 +36,7 @@ def test_no_contender_writes_into_the_model() -> None:
                 p.add_(1.0)
         update()
         with torch.no_grad():  # nothing of the contender's touched the model itself
-            assert all(torch.equal(p, b + 1.0) for p, b in zip(model.parameters(), before))
+            assert all(torch.equal(p, b + 1.0) for p, b in zip(model.parameters(), before)), name
 
 
 def test_worker_rows_and_zero_transient_allocation() -> None:
