@@ -17,6 +17,7 @@ from emakit import schedules
 from emakit.best import KeepBest
 from emakit.ema import EMA, FORMAT_VERSION, LoadResult
 from emakit.errors import EMAWarning, StateDictError, SwapError
+from emakit.flat import FlatLayout, flatten_parameters
 from emakit.io.checkpoint import load, read_state, save
 from emakit.policy import Policy
 
@@ -26,12 +27,14 @@ __all__ = [
     "EMA",
     "FORMAT_VERSION",
     "EMAWarning",
+    "FlatLayout",
     "KeepBest",
     "LoadResult",
     "Policy",
     "StateDictError",
     "SwapError",
     "__version__",
+    "flatten_parameters",
     "load",
     "read_state",
     "save",

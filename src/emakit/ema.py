@@ -179,7 +179,6 @@ class EMA:
         self._reset_counters(self._start)
         self._counters = self._backend.new_counters(self._avg_shadows + self._copy_shadows)
         self._plan: Plan | None = None
-        self._signature: list[Any] | None = None
         self._swap: list[tuple[Any, Any, bool]] | None = None
         self._stored: list[Any] | None = None
 
@@ -313,24 +312,25 @@ class EMA:
             )
         return t
 
-    def _fetch(self) -> tuple[list[Any], list[Any]]:
-        avg = self._source.fetch(self._avg_names)
-        cpy = self._source.fetch(self._copy_names) if self._copy_names else []
-        both = avg + cpy
-        try:
-            signature = self._backend.signature(both)
-        except AttributeError:
-            signature = None
-        if signature is None or signature != self._signature:
-            self._validate(both)
-            self._signature = signature
-            self._plan = None
-        return avg, cpy
+    def _prepare(self) -> tuple[list[Any], Plan]:
+        """The current source tensors (averaged, then copied) and a plan that fits them."""
+        sources = self._source.fetch(self._names)
+        plan = self._plan
+        if plan is None or not plan.fits(sources):
+            self._validate(sources)
+            plan = self._plan = self._backend.plan(self._avg_shadows, self._copy_shadows,
+                                                   sources, fast=self._foreach)
+        return sources, plan
 
     def _validate(self, tensors: list[Any]) -> None:
         b = self._backend
         for name, tensor, shadow in zip(self._names, tensors,
                                         self._avg_shadows + self._copy_shadows):
+            if tensor is None:
+                raise ValueError(
+                    f"the source no longer has a tensor named {name!r} (it is None now), which "
+                    "the EMA tracks. If the model changed, create a new EMA."
+                )
             if not b.is_tensor(tensor):
                 raise TypeError(
                     f"source tensor {name!r} is now a {type(tensor).__name__}; the EMA was made "
@@ -381,17 +381,18 @@ class EMA:
                 EMAWarning,
                 stacklevel=2,
             )
-        avg, cpy = self._fetch()
+        sources, plan = self._prepare()
         weight = 1.0 - decay
         if self._guard:
-            n = len(avg)
-            self._backend.guarded_update_(self._avg_shadows, avg, weight, self._counters[:n])
-            self._backend.guarded_update_(self._copy_shadows, cpy, None, self._counters[n:])
+            n = len(self._avg_shadows)
+            self._backend.guarded_update_(self._avg_shadows, sources[:n], weight,
+                                          self._counters[:n])
+            self._backend.guarded_update_(self._copy_shadows, sources[n:], None,
+                                          self._counters[n:])
         else:
-            if self._plan is None:
-                self._plan = self._backend.plan(self._avg_shadows, avg, fast=self._foreach)
-            self._plan.lerp_(avg, weight)
-            self._backend.copy_(self._copy_shadows, cpy)
+            plan.lerp_(sources, weight)
+            if self._copy_shadows:
+                plan.copy_(sources)
         self._step = t
         self._last_update_step = t
         self._num_updates += 1

@@ -64,7 +64,10 @@ class ModuleSource:
     def __init__(self, module: Any) -> None:
         self.module = module
         self._where: dict[str, tuple[Any, str, bool]] = {}
-        self._edges: list[tuple[Any, str, Any]] = []
+        self._edge_dicts: list[dict[str, Any]] = []
+        self._edge_keys: list[str] = []
+        self._edge_children: list[Any] = []
+        self._slots: tuple[Sequence[str], list[dict[str, Any]], list[str]] | None = None
 
     def entries(self) -> list[Entry]:
         out: list[Entry] = []
@@ -101,26 +104,30 @@ class ModuleSource:
                 edges[(id(owner), part)] = (owner, part, child)
                 owner = child
             self._where[name] = (owner, key, buffer)
-        self._edges = list(edges.values())
+        self._edge_dicts = [parent._modules for parent, _, _ in edges.values()]
+        self._edge_keys = [key for _, key, _ in edges.values()]
+        self._edge_children = [child for _, _, child in edges.values()]
+        self._slots = None
 
     def fetch(self, names: Sequence[str]) -> list[Any]:
-        if any(parent._modules.get(key) is not child for parent, key, child in self._edges):
+        # one C-level pass over the submodule edges (a replaced submodule is found again) and
+        # one over the owners' dicts: this runs on every update
+        if list(map(dict.get, self._edge_dicts, self._edge_keys)) != self._edge_children:
             self._resolve()
-        where = self._where
+        slots = self._slots
+        if slots is None or slots[0] is not names:
+            where = [self._where[n] for n in names]
+            slots = self._slots = (
+                names, [o._buffers if b else o._parameters for o, _, b in where],
+                [k for _, k, _ in where])
         try:
-            out = [
-                (owner._buffers if buffer else owner._parameters)[key]
-                for owner, key, buffer in (where[n] for n in names)
-            ]
+            return list(map(dict.__getitem__, slots[1], slots[2]))
         except KeyError:
-            out = None
-        if out is None or any(t is None for t in out):
             for n in names:
-                owner, key, buffer = where[n]
-                if (owner._buffers if buffer else owner._parameters).get(key) is None:
-                    raise _missing(n, self.kind)
-        assert out is not None  # every name was found above; internal invariant
-        return out
+                owner, key, buffer = self._where[n]
+                if key not in (owner._buffers if buffer else owner._parameters):
+                    raise _missing(n, self.kind) from None
+            raise
 
 
 class MappingSource:

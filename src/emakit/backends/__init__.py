@@ -28,10 +28,20 @@ class TensorInfo(NamedTuple):
 
 
 class Plan(Protocol):
-    """A prepared update for a fixed list of shadows (rebuilt when the sources' layout changes)."""
+    """A prepared update for fixed lists of shadows (rebuilt when the sources' layout changes).
+
+    ``sources`` is always the averaged sources followed by the copied ones, in the order of the
+    shadows the plan was made for.
+    """
+
+    def fits(self, sources: Sequence[Any]) -> bool:
+        """Cheaply: is the plan still right for ``sources``? False: validate and plan again."""
 
     def lerp_(self, sources: Sequence[Any], weight: float) -> None:
-        """In place, for each i: ``shadows[i] <- lerp(shadows[i], sources[i], weight)``."""
+        """In place, for each averaged i: ``shadows[i] <- lerp(shadows[i], sources[i], weight)``."""
+
+    def copy_(self, sources: Sequence[Any]) -> None:
+        """In place, for each copied i: ``copy_shadows[i] <- sources[n_averaged + i]``."""
 
 
 class Backend(Protocol):
@@ -45,9 +55,6 @@ class Backend(Protocol):
     def info(self, x: Any) -> TensorInfo:
         """Shape, dtype name, device name and whether ``x`` is floating point."""
 
-    def signature(self, xs: Sequence[Any]) -> list[tuple[Any, ...]]:
-        """A cheap comparable description of the layout (shape, dtype, device) of ``xs``."""
-
     def resolve_dtype(self, spec: object) -> Any:
         """The native floating dtype for a user's ``dtype=`` argument."""
 
@@ -58,8 +65,9 @@ class Backend(Protocol):
                  zeros: bool) -> list[Any]:
         """New shadows: copies of ``sources`` (or zeros) in ``dtypes`` on ``device``."""
 
-    def plan(self, shadows: Sequence[Any], sources: Sequence[Any], *, fast: bool) -> Plan:
-        """Prepare the lerp of ``sources`` into ``shadows`` (grouped when ``fast``)."""
+    def plan(self, avg_shadows: Sequence[Any], copy_shadows: Sequence[Any],
+             sources: Sequence[Any], *, fast: bool) -> Plan:
+        """Prepare the update of the shadows from ``sources`` (grouped when ``fast``)."""
 
     def copy_(self, dsts: Sequence[Any], srcs: Sequence[Any]) -> None:
         """In place ``dsts[i] <- srcs[i]``, casting dtype and moving device as needed."""

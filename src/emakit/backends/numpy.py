@@ -75,12 +75,21 @@ class _FlatGroup:
 
 
 class _NumpyPlan:
-    def __init__(self, shadows: Sequence[Array], fast: bool) -> None:
-        self.shadows = list(shadows)
+    def __init__(self, avg_shadows: Sequence[Array], copy_shadows: Sequence[Array],
+                 sources: Sequence[Any], fast: bool) -> None:
+        self.shadows = list(avg_shadows)
+        self.copy_shadows = list(copy_shadows)
+        self.signature = _signature(sources)
         self.groups: list[_FlatGroup] = []
         self.loose: list[int] = list(range(len(self.shadows)))
         if fast:
             self.groups, self.loose = _flat_groups(self.shadows)
+
+    def fits(self, sources: Sequence[Any]) -> bool:
+        try:
+            return _signature(sources) == self.signature
+        except AttributeError:  # an entry is no longer an array: validate
+            return False
 
     def lerp_(self, sources: Sequence[Any], weight: float) -> None:
         for group in self.groups:
@@ -89,6 +98,14 @@ class _NumpyPlan:
             shadow = self.shadows[i]
             end = np.asarray(sources[i]).astype(shadow.dtype, copy=False)
             lerp_into(_flat(shadow), end.reshape(-1), weight)
+
+    def copy_(self, sources: Sequence[Any]) -> None:
+        for d, s in zip(self.copy_shadows, sources[len(self.shadows):]):
+            np.copyto(d, s, casting="unsafe")
+
+
+def _signature(xs: Sequence[Any]) -> list[tuple[Any, ...]]:
+    return [(x.shape, x.dtype) for x in xs]
 
 
 def _flat_groups(shadows: list[Array]) -> tuple[list[_FlatGroup], list[int]]:
@@ -133,9 +150,6 @@ class NumpyBackend:
         a = np.asarray(x)
         return TensorInfo(tuple(a.shape), a.dtype.name, "cpu", a.dtype.kind in "fc")
 
-    def signature(self, xs: Sequence[Any]) -> list[tuple[Any, ...]]:
-        return [(x.shape, x.dtype) for x in xs]
-
     def resolve_dtype(self, spec: object) -> Any:
         text = str(spec).removeprefix("torch.") if not isinstance(spec, np.dtype) else spec
         try:
@@ -176,8 +190,9 @@ class NumpyBackend:
             out.append(view)
         return out
 
-    def plan(self, shadows: Sequence[Any], sources: Sequence[Any], *, fast: bool) -> Plan:
-        return _NumpyPlan(shadows, fast)
+    def plan(self, avg_shadows: Sequence[Any], copy_shadows: Sequence[Any],
+             sources: Sequence[Any], *, fast: bool) -> Plan:
+        return _NumpyPlan(avg_shadows, copy_shadows, sources, fast)
 
     def copy_(self, dsts: Sequence[Any], srcs: Sequence[Any]) -> None:
         for d, s in zip(dsts, srcs):

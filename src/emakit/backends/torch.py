@@ -17,88 +17,277 @@ from typing import Any
 import numpy as np
 import torch
 
+from emakit import flat
 from emakit.backends import Plan, TensorInfo, bad_dtype
 
-__all__ = ["BACKEND", "TorchBackend"]
+__all__ = ["BACKEND", "TorchBackend", "is_dense"]
 
-_STAGING_ELEMENTS = 1 << 18  # 256K elements (1 MB in fp32): the staged chunk stays in cache
+_STAGING_ELEMENTS = 1 << 20  # 1M elements (4 MB in fp32): a staged chunk stays in the caches
 _HALF = (torch.float16, torch.bfloat16)
 # tensor types whose storage can be re-pointed with ``.data =`` (not subclasses such as DTensor)
 _PLAIN = (torch.Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", torch.Tensor))
 _EXAMPLE = "dtype=torch.float32 or dtype='float32'"
 
 
-class _Direct:
-    """Sources already in the shadows' dtype and device: one ``_foreach_lerp_``."""
+def _signature(xs: Sequence[torch.Tensor]) -> list[tuple[Any, ...]]:
+    return [(x.shape, x.dtype, x.device) for x in xs]
 
-    def __init__(self, index: list[int], shadows: list[torch.Tensor], whole: bool) -> None:
-        self.index = index
-        self.shadows = shadows
-        self.whole = whole  # the group is every shadow in order: pass the sources list as is
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True for a strided tensor whose elements fill ``numel`` consecutive slots (any order).
+
+    Then ``data_ptr()`` is its lowest address and its memory is ``numel * element_size`` bytes,
+    and two tensors with equal shape and strides line up element by element in that memory.
+    """
+    if t.layout != torch.strided:
+        return False
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _pairable(shadow: torch.Tensor, src: torch.Tensor) -> bool:
+    """Elementwise the same memory layout: the flat views of the two line up element by element."""
+    return bool(type(src) in _PLAIN and shadow.shape == src.shape
+                and shadow.stride() == src.stride() and is_dense(src) and is_dense(shadow))
+
+
+def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``b`` starts where dense ``a`` ends, in the same storage."""
+    return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size())
+
+
+def _region(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 1-D view over the memory of dense tensors that lie back to back in one storage."""
+    first = ts[0].detach()
+    return first.as_strided((sum(t.numel() for t in ts),), (1,), first.storage_offset())
+
+
+def _runs(shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
+          ) -> tuple[list[list[int]], list[int]]:
+    """Split positions into runs (>= 2 pairs back to back in memory on both sides) and loose ones.
+
+    A run is what :func:`emakit.flatten_parameters` makes of a module: its sources are one
+    stretch of one storage, and so are the shadows (allocated flat per group), so one kernel on
+    the two 1-D views covers the whole run.
+    """
+    runs: list[list[int]] = []
+    loose: list[int] = []
+    current: list[int] = []
+    for k, (shadow, src) in enumerate(zip(shadows, sources)):
+        if not _pairable(shadow, src):
+            loose.append(k)
+            continue
+        if current and _follows(shadows[current[-1]], shadow) and \
+                _follows(sources[current[-1]], src):
+            current.append(k)
+            continue
+        if len(current) > 1:
+            runs.append(current)
+        else:
+            loose.extend(current)
+        current = [k]
+    if len(current) > 1:
+        runs.append(current)
+    else:
+        loose.extend(current)
+    return runs, sorted(loose)
+
+
+class _Part:
+    """The pairs of one (shadow device, dtype, source device, dtype) group, as kernel operands.
+
+    Runs become one pair of 1-D views each, held by the part (so their storage stays alive and
+    a source at the recorded address is still that memory); loose tensors are read from the
+    sources list at every update.
+    """
+
+    def __init__(self, index: list[int], shadows: list[torch.Tensor],
+                 sources: list[torch.Tensor]) -> None:
+        runs, loose = _runs(shadows, sources)
+        self.held = [index[k] for run in runs for k in run]
+        self.held_shadows = [_region([shadows[k] for k in run]) for run in runs]
+        self.held_sources = [_region([sources[k] for k in run]) for run in runs]
+        self.loose = [index[k] for k in loose]
+        self.loose_shadows = [shadows[k] for k in loose]
+        self.shadows = self.held_shadows + self.loose_shadows
+
+    def sources(self, sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.loose:
+            return self.held_sources
+        return self.held_sources + [sources[i] for i in self.loose]
+
+
+class _Direct(_Part):
+    """Sources already in the shadows' dtype and device: one ``lerp_`` (or copy) per group."""
 
     def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
-        srcs = sources if self.whole and isinstance(sources, list) else [
-            sources[i] for i in self.index]
-        torch._foreach_lerp_(self.shadows, srcs, weight)
+        srcs = self.sources(sources)
+        if len(srcs) == 1:
+            self.shadows[0].lerp_(srcs[0], weight)
+        elif srcs:
+            torch._foreach_lerp_(self.shadows, srcs, weight)
+
+    def copy_(self, sources: Sequence[torch.Tensor]) -> None:
+        srcs = self.sources(sources)
+        if len(srcs) == 1:
+            self.shadows[0].copy_(srcs[0])
+        elif srcs:
+            torch._foreach_copy_(self.shadows, srcs)
 
 
-class _Staged:
-    """Sources needing a dtype or device conversion: chunked through a staging buffer."""
+class _Staged(_Part):
+    """Sources needing a dtype or device conversion: chunked through a staging buffer.
 
-    def __init__(self, index: list[int], shadows: list[torch.Tensor]) -> None:
-        self.index = index
-        self.shadows = shadows
-        sizes = [s.numel() for s in shadows]
-        budget = max(min(_STAGING_ELEMENTS, sum(sizes)), *sizes)
+    Chunk by chunk, ``_foreach_copy_`` converts sources into views of a preallocated staging
+    buffer and ``_foreach_lerp_`` folds them in: no allocation per update, and the converted
+    chunk is still in the caches when the lerp reads it. Held runs are cut into pieces of at
+    most the staging size; a loose tensor larger than that gets a staging buffer of its size.
+    """
+
+    def __init__(self, index: list[int], shadows: list[torch.Tensor],
+                 sources: list[torch.Tensor]) -> None:
+        super().__init__(index, shadows, sources)
+        loose_sizes = [s.numel() for s in self.loose_shadows]
+        total = sum(s.numel() for s in self.shadows)
+        budget = max(min(_STAGING_ELEMENTS, total), *loose_sizes, 1)
+        # items: (shadow piece, held source piece or position of a loose source)
+        items: list[tuple[torch.Tensor, torch.Tensor | int]] = []
+        for shadow, src in zip(self.held_shadows, self.held_sources):
+            for lo in range(0, shadow.numel(), budget):
+                items.append((shadow[lo:lo + budget], src[lo:lo + budget]))
+        items.extend(zip(self.loose_shadows, self.loose))
         self.staging = torch.empty(budget, dtype=shadows[0].dtype, device=shadows[0].device)
-        self.chunks: list[tuple[int, int, list[torch.Tensor]]] = []
-        lo, used = 0, 0
-        views: list[torch.Tensor] = []
-        for j, (shadow, n) in enumerate(zip(shadows, sizes)):
+        self.chunks: list[tuple[list[torch.Tensor], list[torch.Tensor | int],
+                                list[torch.Tensor]]] = []
+        used = 0
+        chunk: tuple[list[torch.Tensor], list[torch.Tensor | int], list[torch.Tensor]] = (
+            [], [], [])
+        for piece, where in items:
+            n = piece.numel()
             if used + n > budget:
-                self.chunks.append((lo, j, views))
-                lo, used, views = j, 0, []
-            views.append(self.staging[used:used + n].view(shadow.shape))
+                self.chunks.append(chunk)
+                chunk, used = ([], [], []), 0
+            chunk[0].append(piece)
+            chunk[1].append(where)
+            chunk[2].append(self.staging[used:used + n].view(piece.shape))
             used += n
-        self.chunks.append((lo, len(shadows), views))
+        if chunk[0]:
+            self.chunks.append(chunk)
 
     def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
-        srcs = [sources[i] for i in self.index]
-        for lo, hi, views in self.chunks:
-            torch._foreach_copy_(views, srcs[lo:hi])
-            torch._foreach_lerp_(self.shadows[lo:hi], views, weight)
-
-
-class _Loop:
-    """The plain per-tensor loop: the reference the fast path is tested against."""
-
-    def __init__(self, shadows: Sequence[torch.Tensor]) -> None:
-        self.shadows = list(shadows)
-
-    def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
-        with torch.no_grad():
-            for shadow, src in zip(self.shadows, sources):
-                shadow.lerp_(src.to(device=shadow.device, dtype=shadow.dtype), weight)
-
-
-class _Grouped:
-    def __init__(self, shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
-        keys: dict[tuple[Any, ...], list[int]] = {}
-        for i, (shadow, src) in enumerate(zip(shadows, sources)):
-            key = (shadow.device, shadow.dtype, src.device, src.dtype)
-            keys.setdefault(key, []).append(i)
-        self.parts: list[_Direct | _Staged] = []
-        for (sh_dev, sh_dt, src_dev, src_dt), index in keys.items():
-            group = [shadows[i] for i in index]
-            if sh_dev == src_dev and sh_dt == src_dt:
-                self.parts.append(_Direct(index, group, whole=len(keys) == 1))
+        for shadows, srcs, views in self.chunks:
+            got = [sources[s] if isinstance(s, int) else s for s in srcs]
+            if len(got) == 1:
+                views[0].copy_(got[0])
+                shadows[0].lerp_(views[0], weight)
             else:
-                self.parts.append(_Staged(index, group))
+                torch._foreach_copy_(views, got)
+                torch._foreach_lerp_(shadows, views, weight)
+
+
+class _TorchPlan:
+    """The prepared update of one EMA: averaged groups, copied groups, and how to re-check them.
+
+    :meth:`fits` is what every update pays to know the plan still describes the sources: one
+    pointer read per tensor held in a run (sound because the plan keeps that memory alive),
+    and shape/dtype/device for loose tensors (they are read afresh anyway).
+    """
+
+    def __init__(self, avg_shadows: Sequence[torch.Tensor], copy_shadows: Sequence[torch.Tensor],
+                 sources: Sequence[torch.Tensor], fast: bool) -> None:
+        n = len(avg_shadows)
+        self.loop = not fast
+        self.avg_shadows = list(avg_shadows)
+        self.copy_shadows = list(copy_shadows)
+        self.lerps: list[_Direct | _Staged] = []
+        self.copies: list[_Direct] = []
+        if fast:
+            for index in _groups(avg_shadows, sources[:n]):
+                shadows, srcs = [avg_shadows[i] for i in index], [sources[i] for i in index]
+                direct = shadows[0].dtype == srcs[0].dtype and \
+                    shadows[0].device == srcs[0].device
+                self.lerps.append((_Direct if direct else _Staged)(index, shadows, srcs))
+            for index in _groups(copy_shadows, sources[n:]):
+                at = [n + i for i in index]
+                self.copies.append(_Direct(at, [copy_shadows[i] for i in index],
+                                           [sources[i] for i in at]))
+        parts = [*self.lerps, *self.copies]
+        held = sorted(i for p in parts for i in p.held)
+        self.held = held if len(held) < len(sources) else None  # None: every source is held
+        self.held_ptrs = [sources[i].data_ptr() for i in held]
+        self.loose = sorted(set(range(len(sources))) - set(held))
+        self.loose_signature = _signature([sources[i] for i in self.loose])
+        self.generation = flat.generation
+        self.single: tuple[torch.Tensor, torch.Tensor] | None = None
+        if len(self.lerps) == 1 and isinstance(self.lerps[0], _Direct) and \
+                not self.lerps[0].loose and len(self.lerps[0].shadows) == 1:
+            self.single = (self.lerps[0].shadows[0], self.lerps[0].held_sources[0])
+
+    def fits(self, sources: Sequence[torch.Tensor]) -> bool:
+        if flat.generation != self.generation:  # a module was flattened: look for runs again
+            return False
+        try:
+            if self.held is None:
+                return list(map(torch.Tensor.data_ptr, sources)) == self.held_ptrs
+            if self.held_ptrs and [sources[i].data_ptr() for i in self.held] != self.held_ptrs:
+                return False
+            return _signature([sources[i] for i in self.loose]) == self.loose_signature
+        except (AttributeError, TypeError):  # an entry is no longer a tensor: validate
+            return False
 
     def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
+        if self.single is not None:  # a flattened module: one kernel, on detached views
+            self.single[0].lerp_(self.single[1], weight)
+            return
         with torch.no_grad():
-            for part in self.parts:
+            if self.loop:
+                for shadow, src in zip(self.avg_shadows, sources):
+                    shadow.lerp_(src.to(device=shadow.device, dtype=shadow.dtype), weight)
+                return
+            for part in self.lerps:
                 part.lerp_(sources, weight)
+
+    def copy_(self, sources: Sequence[torch.Tensor]) -> None:
+        with torch.no_grad():
+            if self.loop:
+                n = len(self.avg_shadows)
+                for shadow, src in zip(self.copy_shadows, sources[n:]):
+                    shadow.copy_(src)
+                return
+            for part in self.copies:
+                part.copy_(sources)
+
+
+def _source_runs(sources: Sequence[torch.Tensor], dtypes: Sequence[Any]) -> list[list[int]]:
+    """Positions in order, cut into runs of sources back to back in memory (one flat shadow each).
+
+    Only a flattened module (:func:`emakit.flatten_parameters`) has runs longer than one; every
+    other tensor gets a shadow of its own, so a saved shadow never drags a larger buffer along.
+    """
+    runs: list[list[int]] = []
+    for i, src in enumerate(sources):
+        if runs and type(src) in _PLAIN and is_dense(src):
+            j = runs[-1][-1]
+            prev = sources[j]
+            if dtypes[j] == dtypes[i] and prev.device == src.device and is_dense(prev) and \
+                    _follows(prev, src):
+                runs[-1].append(i)
+                continue
+        runs.append([i])
+    return runs
+
+
+def _groups(shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Positions grouped by (shadow device, shadow dtype, source device, source dtype)."""
+    keys: dict[tuple[Any, ...], list[int]] = {}
+    for i, (shadow, src) in enumerate(zip(shadows, sources)):
+        keys.setdefault((shadow.device, shadow.dtype, src.device, src.dtype), []).append(i)
+    return list(keys.values())
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -116,9 +305,6 @@ class TorchBackend:
     def info(self, x: Any) -> TensorInfo:
         return TensorInfo(tuple(x.shape), _dtype_name(x.dtype), str(x.device),
                           x.is_floating_point() or x.is_complex())
-
-    def signature(self, xs: Sequence[Any]) -> list[tuple[Any, ...]]:
-        return [(x.shape, x.dtype, x.device) for x in xs]
 
     def resolve_dtype(self, spec: object) -> Any:
         if isinstance(spec, torch.dtype):
@@ -152,20 +338,27 @@ class TorchBackend:
                 ) from None
         out: list[torch.Tensor] = []
         with torch.no_grad():
-            for src, dtype in zip(sources, dtypes):
-                target: Any = src.device if device is None else device
-                shadow = torch.empty_like(src, dtype=dtype, device=target, requires_grad=False)
-                if zeros:
-                    shadow.zero_()
-                else:
-                    shadow.copy_(src)
-                out.append(shadow)
+            for run in _source_runs(sources, dtypes):
+                first = sources[run[0]]
+                target: Any = first.device if device is None else device
+                if len(run) == 1:
+                    shadow = torch.empty_like(first, dtype=dtypes[run[0]], device=target,
+                                              requires_grad=False)
+                    out.append(shadow.zero_() if zeros else shadow.copy_(first))
+                    continue
+                flat = torch.empty(sum(sources[i].numel() for i in run), dtype=dtypes[run[0]],
+                                   device=target)
+                offset = 0
+                for i in run:
+                    src = sources[i]
+                    shadow = flat.as_strided(src.shape, src.stride(), offset)
+                    offset += src.numel()
+                    out.append(shadow.zero_() if zeros else shadow.copy_(src))
         return out
 
-    def plan(self, shadows: Sequence[Any], sources: Sequence[Any], *, fast: bool) -> Plan:
-        if fast:
-            return _Grouped(shadows, sources)
-        return _Loop(shadows)
+    def plan(self, avg_shadows: Sequence[Any], copy_shadows: Sequence[Any],
+             sources: Sequence[Any], *, fast: bool) -> Plan:
+        return _TorchPlan(avg_shadows, copy_shadows, sources, fast)
 
     def copy_(self, dsts: Sequence[Any], srcs: Sequence[Any]) -> None:
         if not dsts:
