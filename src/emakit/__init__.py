@@ -19,6 +19,7 @@ from emakit.ema import EMA, FORMAT_VERSION, LoadResult
 from emakit.errors import EMAWarning, StateDictError, SwapError
 from emakit.flat import FlatLayout, flatten_parameters
 from emakit.io.checkpoint import load, read_state, save
+from emakit.multi import MultiEMA
 from emakit.policy import Policy
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "FlatLayout",
     "KeepBest",
     "LoadResult",
+    "MultiEMA",
     "Policy",
     "StateDictError",
     "SwapError",

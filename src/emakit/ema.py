@@ -312,9 +312,10 @@ class EMA:
             )
         return t
 
-    def _prepare(self) -> tuple[list[Any], Plan]:
+    def _prepare(self, sources: list[Any] | None = None) -> tuple[list[Any], Plan]:
         """The current source tensors (averaged, then copied) and a plan that fits them."""
-        sources = self._source.fetch(self._names)
+        if sources is None:
+            sources = self._source.fetch(self._names)
         plan = self._plan
         if plan is None or not plan.fits(sources):
             self._validate(sources)
@@ -358,6 +359,22 @@ class EMA:
             SwapError: while the EMA weights are swapped into the model.
             ValueError: if ``step`` goes backwards or a source tensor changed shape.
         """
+        begun = self._begin(step)
+        if begun is None:
+            return False
+        t, decay = begun
+        sources, plan = self._prepare()
+        if self._guard:
+            self._guarded(sources, 1.0 - decay)
+        else:
+            plan.lerp_(sources, 1.0 - decay)
+            if self._copy_shadows:
+                plan.copy_(sources)
+        self._finish(t, decay)
+        return True
+
+    def _begin(self, step: object) -> tuple[int, float] | None:
+        """Advance the step; ``(t, decay over the interval)`` if this step updates, else None."""
         if self._swap is not None:
             raise SwapError(
                 "update() called while the EMA weights are swapped into the model: it would "
@@ -366,10 +383,10 @@ class EMA:
             )
         t = self._next_step(step)
         if t is None:
-            return False
+            return None
         if t % self._every:
             self._step = t
-            return False
+            return None
         decay = self._schedule.interval(self._last_update_step, t)
         gap = t - self._last_update_step
         if self._num_updates == 0 and gap > self._every and decay < 1e-3 and self._schedule(1):
@@ -379,26 +396,21 @@ class EMA:
                 f"discards the initial weights. If the EMA starts mid-run, create it with "
                 f"EMA(..., step={t - 1}).",
                 EMAWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        sources, plan = self._prepare()
-        weight = 1.0 - decay
-        if self._guard:
-            n = len(self._avg_shadows)
-            self._backend.guarded_update_(self._avg_shadows, sources[:n], weight,
-                                          self._counters[:n])
-            self._backend.guarded_update_(self._copy_shadows, sources[n:], None,
-                                          self._counters[n:])
-        else:
-            plan.lerp_(sources, weight)
-            if self._copy_shadows:
-                plan.copy_(sources)
+        return t, decay
+
+    def _guarded(self, sources: list[Any], weight: float) -> None:
+        n = len(self._avg_shadows)
+        self._backend.guarded_update_(self._avg_shadows, sources[:n], weight, self._counters[:n])
+        self._backend.guarded_update_(self._copy_shadows, sources[n:], None, self._counters[n:])
+
+    def _finish(self, t: int, decay: float) -> None:
         self._step = t
         self._last_update_step = t
         self._num_updates += 1
         self._decay_product *= decay
         self._last_decay = decay
-        return True
 
     def attach(self, optimizer: Any) -> Any:
         """Update after every ``optimizer.step()`` via the optimizer's post-step hook.
@@ -771,6 +783,10 @@ class EMA:
                 mismatches (always). Nothing is loaded.
         """
         self._check_not_swapped("load_state_dict() called")
+        return self._apply_state(state, self._checked_state(state, strict))
+
+    def _checked_state(self, state: Mapping[str, Any], strict: bool) -> tuple[Any, ...]:
+        """Everything :meth:`load_state_dict` checks, without changing anything."""
         counters, shadows = self._check_state(state)
         saved = set(shadows)
         missing = [n for n in self._names if n not in saved]
@@ -791,6 +807,12 @@ class EMA:
                 unexpected=unexpected if strict else (), mismatched=mismatched,
                 fix="Build the EMA over the same model and dtype, or pass strict=False to load "
                     "the common names (shape/dtype mismatches always fail).")
+        return counters, shadows, missing, unexpected
+
+    def _apply_state(self, state: Mapping[str, Any], checked: tuple[Any, ...]) -> LoadResult:
+        counters, shadows, missing, unexpected = checked
+        b = self._backend
+        mine = dict(zip(self._names, self._avg_shadows + self._copy_shadows))
         changed = self._changed_settings(state)
         names = [n for n in self._names if n in shadows]
         b.copy_([mine[n] for n in names], [shadows[n] for n in names])
@@ -810,7 +832,7 @@ class EMA:
                 f"the loaded EMA state was saved with other settings ({details}); the current "
                 "settings stay in force. Pass the saved ones to EMA(...) to keep them.",
                 EMAWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         return LoadResult(missing, unexpected, changed)
 

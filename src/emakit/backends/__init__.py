@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
-__all__ = ["Backend", "Plan", "TensorInfo", "backend_for", "bad_dtype"]
+__all__ = ["Backend", "Plan", "SharedRead", "TensorInfo", "backend_for", "bad_dtype"]
 
 
 class TensorInfo(NamedTuple):
@@ -44,6 +44,13 @@ class Plan(Protocol):
         """In place, for each copied i: ``copy_shadows[i] <- sources[n_averaged + i]``."""
 
 
+class SharedRead(Protocol):
+    """Several plans over one source, updated in one pass that reads the source once."""
+
+    def lerp_(self, weights: Sequence[float]) -> None:
+        """For plan k: ``lerp_`` of its averaged shadows with ``weights[k]``."""
+
+
 class Backend(Protocol):
     """The operations the engine needs from an array library."""
 
@@ -68,6 +75,10 @@ class Backend(Protocol):
     def plan(self, avg_shadows: Sequence[Any], copy_shadows: Sequence[Any],
              sources: Sequence[Any], *, fast: bool) -> Plan:
         """Prepare the update of the shadows from ``sources`` (grouped when ``fast``)."""
+
+    def shared_read(self, plans: Sequence[Plan]) -> SharedRead | None:
+        """One pass that updates the averages of all ``plans`` (plans over the same source
+        memory) while reading the source once, or None where that is not possible."""
 
     def copy_(self, dsts: Sequence[Any], srcs: Sequence[Any]) -> None:
         """In place ``dsts[i] <- srcs[i]``, casting dtype and moving device as needed."""

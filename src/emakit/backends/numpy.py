@@ -194,6 +194,9 @@ class NumpyBackend:
              sources: Sequence[Any], *, fast: bool) -> Plan:
         return _NumpyPlan(avg_shadows, copy_shadows, sources, fast)
 
+    def shared_read(self, plans: Sequence[Any]) -> Any:
+        return None  # each average reads the arrays itself
+
     def copy_(self, dsts: Sequence[Any], srcs: Sequence[Any]) -> None:
         for d, s in zip(dsts, srcs):
             np.copyto(d, s, casting="unsafe")

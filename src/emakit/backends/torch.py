@@ -282,6 +282,32 @@ def _source_runs(sources: Sequence[torch.Tensor], dtypes: Sequence[Any]) -> list
     return runs
 
 
+_SHARED_CHUNK = 1 << 21  # 2M elements (8 MB in fp32): read from memory once, then from the cache
+
+
+class _SharedRead:
+    """Several averages of one flat source region: chunk by chunk, every shadow folds in the chunk.
+
+    The source chunk comes from memory for the first average and from the cache for the others,
+    so an update of N averages moves ``4 + 8 N`` bytes per fp32 parameter instead of ``12 N``.
+    """
+
+    def __init__(self, plans: Sequence[_TorchPlan]) -> None:
+        self.plans = list(plans)
+        singles = [p.single for p in plans]
+        assert all(s is not None for s in singles)  # shared_read() checked; internal invariant
+        source = singles[0][1]  # type: ignore[index]
+        n = source.numel()
+        self.chunks = [(source[lo:lo + _SHARED_CHUNK],
+                        [s[0][lo:lo + _SHARED_CHUNK] for s in singles])  # type: ignore[index]
+                       for lo in range(0, n, _SHARED_CHUNK)]
+
+    def lerp_(self, weights: Sequence[float]) -> None:
+        for piece, shadows in self.chunks:
+            for shadow, weight in zip(shadows, weights):
+                shadow.lerp_(piece, weight)
+
+
 def _groups(shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> list[list[int]]:
     """Positions grouped by (shadow device, shadow dtype, source device, source dtype)."""
     keys: dict[tuple[Any, ...], list[int]] = {}
@@ -359,6 +385,16 @@ class TorchBackend:
     def plan(self, avg_shadows: Sequence[Any], copy_shadows: Sequence[Any],
              sources: Sequence[Any], *, fast: bool) -> Plan:
         return _TorchPlan(avg_shadows, copy_shadows, sources, fast)
+
+    def shared_read(self, plans: Sequence[Any]) -> Any:
+        singles = [p.single for p in plans]
+        if len(plans) < 2 or any(s is None for s in singles):
+            return None
+        first = singles[0][1]
+        same = all(s[1].data_ptr() == first.data_ptr() and s[1].numel() == first.numel()
+                   and s[1].dtype == first.dtype and s[0].device == singles[0][0].device
+                   for s in singles)
+        return _SharedRead(plans) if same else None
 
     def copy_(self, dsts: Sequence[Any], srcs: Sequence[Any]) -> None:
         if not dsts:

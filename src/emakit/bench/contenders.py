@@ -33,6 +33,33 @@ def _emakit(**options: Any) -> Callable[[nn.Module, float], Update]:
     return make
 
 
+def _flat_twin(model: nn.Module) -> nn.Module:
+    """A copy of the model laid out by :func:`emakit.flatten_parameters` (the other contenders
+    keep the model as it was built)."""
+    import copy
+
+    import emakit
+
+    twin = copy.deepcopy(model)
+    emakit.flatten_parameters(twin)
+    return twin
+
+
+def _emakit_flat(model: nn.Module, decay: float) -> Update:
+    import emakit
+
+    return emakit.EMA(_flat_twin(model), decay=decay).update
+
+
+def _emakit_multi(flat: bool) -> Callable[[nn.Module, float], Update]:
+    def make(model: nn.Module, decay: float) -> Update:
+        import emakit
+
+        source = _flat_twin(model) if flat else model
+        return emakit.MultiEMA(source, decays=(decay, 1.0 - (1.0 - decay) / 10)).update
+    return make
+
+
 def _emakit_swap(model: nn.Module, decay: float) -> Update:
     import emakit
 
@@ -121,6 +148,9 @@ def _diffusers(foreach: bool) -> Callable[[nn.Module, float], Update]:
 CONTENDERS: dict[str, Callable[[nn.Module, float], Update]] = {
     "emakit": _emakit(),
     "emakit loop": _emakit(foreach=False),
+    "emakit flat": _emakit_flat,
+    "emakit multi x2": _emakit_multi(False),
+    "emakit flat multi x2": _emakit_multi(True),
     "emakit every=4": _emakit(every=4),
     "emakit skip_nonfinite": _emakit(skip_nonfinite=True),
     "emakit swap round trip": _emakit_swap,
@@ -133,7 +163,9 @@ CONTENDERS: dict[str, Callable[[nn.Module, float], Update]] = {
     "diffusers foreach": _diffusers(True),
     "seed snippet": _seed,
 }
-"""Name -> factory. ``emakit every=4`` is timed per optimizer step (one call = one step)."""
+"""Name -> factory. ``emakit every=4`` is timed per optimizer step (one call = one step);
+``multi x2`` keeps two averages (decay and a 10x longer window) and is compared with the flat pass
+over the bytes it must move, ``4 + 8 * 2`` per fp32 parameter."""
 
 
 def flat_reference(n: int, device: str | torch.device = "cpu") -> Update:

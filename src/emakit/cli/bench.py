@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         groups = [contenders] if args.quick else [[c] for c in contenders]
         jobs += [{**base, "model": m, "contenders": g} for g in groups]
         if args.bf16:
-            jobs.append({**base, "model": m, "contenders": ["emakit", "emakit loop"],
+            jobs.append({**base, "model": m, "contenders": ["emakit", "emakit loop",
+                                                            "emakit flat"],
                          "dtype": "bfloat16"})
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
