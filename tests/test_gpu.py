@@ -60,3 +60,29 @@ def test_cpu_offloaded_shadow_of_cuda_model_swaps_and_restores_bitwise():
         assert torch.equal(model[0].weight.cpu(), ema.shadows["0.weight"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_flat_and_multi_on_cuda_equal_the_loop():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64),
+                                torch.nn.Linear(64, 8)).cuda()
+    ref = [torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64),
+                               torch.nn.Linear(64, 8)).cuda() for _ in range(2)]
+    for r in ref:
+        r.load_state_dict(model.state_dict())
+    emakit.flatten_parameters(model)
+    multi = emakit.MultiEMA(model, decays=(0.9, 0.99))
+    loops = [emakit.EMA(r, decay=d, foreach=False) for r, d in zip(ref, (0.9, 0.99))]
+    for i in range(5):
+        with torch.no_grad():
+            for m in (model, *ref):  # the same noise for the three models
+                g = torch.Generator(device="cuda").manual_seed(i)
+                for t in m.parameters():
+                    t.add_(torch.randn(t.shape, device="cuda", generator=g))
+        multi.update()
+        for e in loops:
+            e.update()
+    assert multi._shared is not None and multi._shared[1] is not None
+    for got, want in zip(multi, loops):
+        for k in got.names:
+            assert torch.equal(got.shadows[k], want.shadows[k]), k

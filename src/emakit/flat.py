@@ -12,7 +12,9 @@ layout still holds. Flattening changes no number: values, shapes and strides are
 Re-allocating a tensor afterwards (``model.to(...)``, ``load_state_dict(..., assign=True)``,
 ``module.weight = nn.Parameter(...)``, ``p.data = ...``) is safe: the EMA sees that the tensor
 no longer sits where the plan expects it and falls back to the per-tensor path; call
-:func:`flatten_parameters` again to get the single pass back.
+:func:`flatten_parameters` again to get the single pass back. Until that next update the EMA
+still holds the old flat buffer (that is what makes the pointer check sound), so after
+``model.to("cuda")`` the host copy is freed at the first update on the device.
 """
 
 from __future__ import annotations

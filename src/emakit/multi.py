@@ -52,8 +52,8 @@ class MultiEMA:
         >>> w["w"] += 1.0
         >>> emas.update()
         True
-        >>> [e.averaged()["w"][0] for e in emas]      # 1 - d after one step
-        [0.5, 0.09999999999999998]
+        >>> [round(float(e.averaged()["w"][0]), 6) for e in emas]   # 1 - d after one step
+        [0.5, 0.1]
         >>> with emas[1].swapped():                    # each average is a full EMA
         ...     print(w["w"])
         [0.1 0.1]

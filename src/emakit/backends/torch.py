@@ -1,12 +1,17 @@
 """The torch backend: grouped ``torch._foreach_*`` kernels, the only place that uses them.
 
-Shadows are grouped by (shadow device, shadow dtype, source device, source dtype). A group whose
-source already has the shadow's dtype and device is one ``_foreach_lerp_``. A group that needs a
-conversion (fp32 shadow of a bf16 model, shadow offloaded to another device) goes through a
-preallocated staging buffer in chunks: ``_foreach_copy_`` converts a chunk of sources into views of
-the staging buffer, ``_foreach_lerp_`` folds them in; no per-tensor Python loop, no allocation per
-update, and transient memory bounded by the chunk size. Nothing here reads a tensor value on the
-host, so an update never synchronises with the device.
+Shadows are grouped by (shadow device, shadow dtype, source device, source dtype). Within a group,
+pairs that lie back to back in memory on both sides (a module laid out by
+:func:`emakit.flatten_parameters`, whose shadows are then allocated flat too) form a *run*, held by
+the plan as two 1-D views, so one kernel covers the run; other tensors stay loose. A group whose
+source already has the shadow's dtype and device is one ``lerp_`` (one run) or one
+``_foreach_lerp_`` (runs and loose tensors together). A group that needs a conversion (fp32
+shadow of a bf16 model, shadow offloaded to another device) goes through a preallocated staging
+buffer in chunks: ``_foreach_copy_`` converts a chunk into views of the staging buffer,
+``_foreach_lerp_`` folds it in; no per-tensor Python loop, no allocation per update. Each update
+re-checks the plan: one pointer read per held tensor (sound, because the plan keeps that memory
+alive), shape/dtype/device for loose ones. Nothing here reads a tensor value on the host, so an
+update never synchronises with the device.
 """
 
 from __future__ import annotations
