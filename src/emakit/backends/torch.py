@@ -294,23 +294,36 @@ class _SharedRead:
     """Several averages of one flat source region: chunk by chunk, every shadow folds in the chunk.
 
     The source chunk comes from memory for the first average and from the cache for the others,
-    so an update of N averages moves ``4 + 8 N`` bytes per fp32 parameter instead of ``12 N``.
+    so an update of N averages moves ``4 + 8 N`` bytes per fp32 parameter instead of ``12 N``. For
+    a source that needs a conversion (bf16 model, fp32 shadows) each chunk is converted once into
+    the first plan's staging buffer and folded into every average from there.
     """
 
-    def __init__(self, plans: Sequence[_TorchPlan]) -> None:
-        self.plans = list(plans)
-        singles = [p.single for p in plans]
-        assert all(s is not None for s in singles)  # shared_read() checked; internal invariant
-        source = singles[0][1]  # type: ignore[index]
-        n = source.numel()
-        self.chunks = [(source[lo:lo + _SHARED_CHUNK],
-                        [s[0][lo:lo + _SHARED_CHUNK] for s in singles])  # type: ignore[index]
-                       for lo in range(0, n, _SHARED_CHUNK)]
+    def __init__(self, parts: Sequence[_Direct | _Staged]) -> None:
+        self.staged = isinstance(parts[0], _Staged)
+        self.chunks: list[tuple[Any, Any, list[list[torch.Tensor]]]] = []
+        if self.staged:
+            first = parts[0]
+            assert isinstance(first, _Staged)  # checked by shared_read(); internal invariant
+            for c, (_, srcs, views) in enumerate(first.chunks):
+                self.chunks.append((srcs, views, [p.chunks[c][0] for p in parts]))  # type: ignore[union-attr]
+        else:
+            source = parts[0].held_sources[0]
+            for lo in range(0, source.numel(), _SHARED_CHUNK):
+                hi = lo + _SHARED_CHUNK
+                self.chunks.append((None, source[lo:hi],
+                                    [[p.held_shadows[0][lo:hi]] for p in parts]))
 
     def lerp_(self, weights: Sequence[float]) -> None:
-        for piece, shadows in self.chunks:
-            for shadow, weight in zip(shadows, weights):
-                shadow.lerp_(piece, weight)
+        with torch.no_grad():
+            for srcs, views, shadows in self.chunks:
+                if self.staged:
+                    torch._foreach_copy_(views, srcs)
+                    for pieces, weight in zip(shadows, weights):
+                        torch._foreach_lerp_(pieces, views, weight)
+                else:
+                    for pieces, weight in zip(shadows, weights):
+                        pieces[0].lerp_(views, weight)
 
 
 def _groups(shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -392,14 +405,25 @@ class TorchBackend:
         return _TorchPlan(avg_shadows, copy_shadows, sources, fast)
 
     def shared_read(self, plans: Sequence[Any]) -> Any:
-        singles = [p.single for p in plans]
-        if len(plans) < 2 or any(s is None for s in singles):
+        # every plan must be one held run over the same source memory, into shadows of one kind
+        if len(plans) < 2 or any(p.loop or len(p.lerps) != 1 for p in plans):
             return None
-        first = singles[0][1]
-        same = all(s[1].data_ptr() == first.data_ptr() and s[1].numel() == first.numel()
-                   and s[1].dtype == first.dtype and s[0].device == singles[0][0].device
-                   for s in singles)
-        return _SharedRead(plans) if same else None
+        parts = [p.lerps[0] for p in plans]
+        first = parts[0]
+        if first.loose or len(first.held_sources) != 1:
+            return None
+        source, shadow = first.held_sources[0], first.held_shadows[0]
+        for part in parts:
+            if (type(part) is not type(first) or part.loose or len(part.held_sources) != 1
+                    or part.held_sources[0].data_ptr() != source.data_ptr()
+                    or part.held_sources[0].numel() != source.numel()
+                    or part.held_shadows[0].dtype != shadow.dtype
+                    or part.held_shadows[0].device != shadow.device):
+                return None
+        if isinstance(first, _Staged) and \
+                any(len(p.chunks) != len(first.chunks) for p in parts):
+            return None
+        return _SharedRead(parts)
 
     def copy_(self, dsts: Sequence[Any], srcs: Sequence[Any]) -> None:
         if not dsts:

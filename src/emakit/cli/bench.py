@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         jobs += [{**base, "model": m, "contenders": g} for g in groups]
         if args.bf16:
             jobs.append({**base, "model": m, "contenders": ["emakit", "emakit loop",
-                                                            "emakit flat"],
+                                                            "emakit flat", "emakit flat multi x2"],
                          "dtype": "bfloat16"})
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
