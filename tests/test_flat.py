@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -38,6 +39,14 @@ def train_step(model: Any, opt: Any, i: int) -> None:
     opt.zero_grad()
     model(x).square().mean().backward()
     opt.step()
+
+
+def one_kernel(ema: Any) -> bool:
+    """The whole average is one lerp_ on two held 1-D views, outside autograd."""
+    plan = ema._plan
+    return bool(len(plan.lerps) == 1 and isinstance(plan.lerps[0], torch_backend._Direct)
+                and len(plan.lerps[0].shadows) == 1 and not plan.lerps[0].loose
+                and isinstance(plan.grad_off, contextlib.nullcontext))
 
 
 def storages(model: Any) -> set[int]:
@@ -108,7 +117,7 @@ def test_flat_update_is_one_kernel_and_equals_the_loop_bitwise() -> None:
         flat.update()
         loop.update()
     plan = flat._plan
-    assert plan.single is not None  # the whole average: one lerp_ on two 1-D views
+    assert one_kernel(flat)
     assert [len(p.shadows) for p in plan.copies] == [1]  # the int64 counter: one copy_
     assert_same_shadows(flat, loop)
     for (name, a), b in zip(flat_model.state_dict().items(), loop_model.state_dict().values()):
@@ -199,7 +208,7 @@ def test_reallocated_tensors_are_noticed_and_never_give_wrong_numbers(change: An
         train_step(loop_model, opt_l, i)
         flat.update()
         loop.update()
-    assert flat._plan.single is not None
+    assert one_kernel(flat)
     change(flat_model)
     change(loop_model)
     for _ in range(2):
@@ -216,7 +225,7 @@ def test_reallocated_tensors_are_noticed_and_never_give_wrong_numbers(change: An
     assert_same_shadows(flat, loop)
     float_tensors = [t for t in flat_model.state_dict().values() if t.is_floating_point()]
     if all(t.dtype == torch.float32 for t in float_tensors):
-        assert flat._plan.single is not None
+        assert one_kernel(flat)
 
 
 def test_removed_tensor_is_an_error_not_a_stale_average() -> None:
@@ -255,7 +264,7 @@ def test_swap_save_and_resume_with_flat_shadows(tmp_path: Any) -> None:
     assert_same_shadows(ema, again)
     # after the swap the model is still flat: the single kernel is still used
     ema.update()
-    assert ema._plan.single is not None
+    assert one_kernel(ema)
 
 
 @settings(max_examples=25, deadline=None)
@@ -303,9 +312,38 @@ def test_property_flat_equals_loop(shapes: list[list[int]], kinds: list[str],
 def test_deepcopy_of_a_flat_model_stays_correct() -> None:
     model = make()
     emakit.flatten_parameters(model)
-    twin = copy.deepcopy(model)
+    twin = copy.deepcopy(model)  # Parameter.__deepcopy__ clones: the copy is no longer flat
+    assert storages(twin).isdisjoint(storages(model)) and len(storages(twin)) > 2
+    layout = emakit.flatten_parameters(twin)
+    # the buffers were deep-copied as views into a copy of the whole flat buffer, which
+    # flatten cannot tell from memory shared with something else: they stay where they are
+    assert set(layout.skipped) == {"bn.running_mean", "bn.running_var"}
+    assert layout.groups[0].names == ("conv.weight", "conv.bias", "bn.weight", "bn.bias",
+                                      "head.weight", "head.bias")
     ema = emakit.EMA(twin, decay=0.5)
     loop = emakit.EMA(make(), decay=0.5, foreach=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the original moves; the copy must not
+        for p in (*twin.parameters(), *loop._source.module.parameters()):
+            p.mul_(2.0)
     ema.update()
     loop.update()
+    part = ema._plan.lerps[0]
+    # two runs: the parameters, and the two buffers (still back to back in the copied buffer)
+    assert len(part.held_sources) == 2 and not part.loose
+    assert_same_shadows(ema, loop)
+
+
+def test_an_ema_made_before_flattening_keeps_its_per_tensor_update() -> None:
+    model = make()
+    ema = emakit.EMA(model, decay=0.5)
+    loop = emakit.EMA(make(), decay=0.5, foreach=False)
+    emakit.flatten_parameters(model)
+    with torch.no_grad():
+        for p in (*model.parameters(), *loop._source.module.parameters()):
+            p.mul_(2.0)
+    ema.update()
+    loop.update()
+    assert not one_kernel(ema) and not ema._plan.lerps[0].held  # shadows were not laid out flat
     assert_same_shadows(ema, loop)

@@ -56,33 +56,24 @@ class FlatLayout(NamedTuple):
     moved: int
 
 
-def _is_run(tensors: list[Any]) -> bool:
-    """True if the tensors are back-to-back in one storage, in order, starting at its start."""
+def _tiled(tensors: list[Any], *, in_order: bool = False) -> bool:
+    """True if the dense tensors cover one storage exactly, without overlapping.
+
+    With ``in_order``, also back to back in the order given (the layout flattening makes).
+    """
     from emakit.backends.torch import is_dense
 
-    first = tensors[0]
-    storage = first.untyped_storage()
-    if first.storage_offset() != 0:
-        return False
-    base, size = storage.data_ptr(), storage.nbytes()
-    pos = base
-    for t in tensors:
-        if t.untyped_storage().data_ptr() != base or t.data_ptr() != pos or not is_dense(t):
-            return False
-        pos += t.numel() * t.element_size()
-    return bool(pos - base == size)
-
-
-def _tiled(tensors: list[Any]) -> bool:
-    """True if the tensors cover their (shared) storage exactly, without overlapping."""
     storage = tensors[0].untyped_storage()
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
-    pos = storage.data_ptr()
-    for lo, hi in spans:
+    base = storage.data_ptr()
+    if any(t.untyped_storage().data_ptr() != base or not is_dense(t) for t in tensors):
+        return False
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
+    pos = base
+    for lo, hi in spans if in_order else sorted(spans):
         if lo != pos:
             return False
         pos = hi
-    return bool(pos - storage.data_ptr() == storage.nbytes())
+    return bool(pos - base == storage.nbytes())
 
 
 def flatten_parameters(module: Any, *, buffers: bool = True) -> FlatLayout:
@@ -100,9 +91,13 @@ def flatten_parameters(module: Any, *, buffers: bool = True) -> FlatLayout:
     not "something else") and non-dense strides. Calling it again on a flat module
     changes nothing (``moved == 0``).
 
-    Call it before ``torch.compile`` / CUDA-graph capture (they may record the old addresses)
-    and before creating the EMA (or the EMA starts on its per-tensor path and switches at the
-    next update). Peak memory during the call: one extra copy of the largest group.
+    Call it before creating the EMA (the EMA lays its shadows out flat only for a module that
+    is flat when it is created; one made earlier keeps its per-tensor update) and before
+    ``torch.compile`` / CUDA-graph capture (they may record the old addresses).
+    ``copy.deepcopy`` of a flattened module is not flat (parameters are cloned one by one, and
+    buffers become views into a copy of the whole buffer, which a later call leaves in place):
+    flatten the original after copying, or build the copy fresh. Peak memory during the call:
+    one extra copy of the largest group.
 
     Args:
         module: a ``torch.nn.Module``.
@@ -164,7 +159,7 @@ def flatten_parameters(module: Any, *, buffers: bool = True) -> FlatLayout:
     with torch.no_grad():
         for (device, dtype), members in groups.items():
             tensors = [t for _, t in members]
-            if not _is_run(tensors):
+            if not _tiled(tensors, in_order=True):
                 keep = []
                 for name, t in members:
                     if t.untyped_storage().data_ptr() in owned:

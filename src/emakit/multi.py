@@ -3,10 +3,10 @@
 Keeping a short and a long average (``decay=(0.999, 0.9999)``) is common: pick the better one at
 the end, or synthesize others post hoc. Each average is a full :class:`~emakit.EMA` (swap,
 save, bias correction, everything); :class:`MultiEMA` updates them in lockstep and shares the
-work that does not depend on the decay: the weights are fetched and checked once, and on a
-flattened module (:func:`emakit.flatten_parameters`) one pass over memory updates all the
-shadows, chunk by chunk, so each chunk of weights is read from memory once and from the cache
-for the other averages:
+work that does not depend on the decay: the weights are fetched once (each average's plan still
+checks them), and on a flattened module (:func:`emakit.flatten_parameters`) one pass over memory
+updates all the shadows, chunk by chunk, so each chunk of weights is read from memory once and
+from the cache for the other averages:
 
     ema_k <- lerp(ema_k, w, 1 - D_k)      for k = 1..N,   D_k = prod of decay_k over the interval
 
@@ -121,15 +121,13 @@ class MultiEMA:
                 "own (emas[k].update()). Update them only through MultiEMA.update(), or keep "
                 "separate EMA objects."
             )
-        begun = [m._begin(step) for m in members]
-        if begun[0] is None:
-            for m, b in zip(members[1:], begun[1:]):
-                if b is not None:  # cannot happen: same step and every for all; keep in step
-                    m._step = b[0]
+        # same step and every for all: they all update, or all skip
+        begun = [b for b in (m._begin(step) for m in members) if b is not None]
+        if not begun:
             return False
         sources, first = members[0]._prepare()
         plans = [first] + [m._prepare(sources)[1] for m in members[1:]]
-        weights = [1.0 - b[1] for b in begun if b is not None]
+        weights = [1.0 - decay for _, decay in begun]
         if members[0]._guard:
             for m, w in zip(members, weights):
                 m._guarded(sources, w)
@@ -143,9 +141,8 @@ class MultiEMA:
             if members[0]._copy_shadows:
                 for plan in plans:
                     plan.copy_(sources)
-        for m, b in zip(members, begun):
-            assert b is not None  # all members share step and every; internal invariant
-            m._finish(*b)
+        for m, (t, decay) in zip(members, begun):
+            m._finish(t, decay)
         return True
 
     def _shared_read(self, plans: list[Any]) -> Any:

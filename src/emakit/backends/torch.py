@@ -16,6 +16,7 @@ update never synchronises with the device.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -228,10 +229,9 @@ class _TorchPlan:
         self.loose = sorted(set(range(len(sources))) - set(held))
         self.loose_signature = _signature([sources[i] for i in self.loose])
         self.generation = flat.generation
-        self.single: tuple[torch.Tensor, torch.Tensor] | None = None
-        if len(self.lerps) == 1 and isinstance(self.lerps[0], _Direct) and \
-                not self.lerps[0].loose and len(self.lerps[0].shadows) == 1:
-            self.single = (self.lerps[0].shadows[0], self.lerps[0].held_sources[0])
+        # held runs are detached views: autograd needs switching off only for loose sources
+        detached = fast and not any(p.loose for p in self.lerps)
+        self.grad_off: Any = contextlib.nullcontext() if detached else torch.no_grad()
 
     def fits(self, sources: Sequence[torch.Tensor]) -> bool:
         if flat.generation != self.generation:  # a module was flattened: look for runs again
@@ -246,10 +246,7 @@ class _TorchPlan:
             return False
 
     def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
-        if self.single is not None:  # a flattened module: one kernel, on detached views
-            self.single[0].lerp_(self.single[1], weight)
-            return
-        with torch.no_grad():
+        with self.grad_off:
             if self.loop:
                 for shadow, src in zip(self.avg_shadows, sources):
                     shadow.lerp_(src.to(device=shadow.device, dtype=shadow.dtype), weight)
@@ -315,15 +312,15 @@ class _SharedRead:
                                     [[p.held_shadows[0][lo:hi]] for p in parts]))
 
     def lerp_(self, weights: Sequence[float]) -> None:
-        with torch.no_grad():
-            for srcs, views, shadows in self.chunks:
-                if self.staged:
-                    torch._foreach_copy_(views, srcs)
-                    for pieces, weight in zip(shadows, weights):
-                        torch._foreach_lerp_(pieces, views, weight)
-                else:
-                    for pieces, weight in zip(shadows, weights):
-                        pieces[0].lerp_(views, weight)
+        # every operand is a held, detached view: no autograd to switch off
+        for srcs, views, shadows in self.chunks:
+            if self.staged:
+                torch._foreach_copy_(views, srcs)
+                for pieces, weight in zip(shadows, weights):
+                    torch._foreach_lerp_(pieces, views, weight)
+            else:
+                for pieces, weight in zip(shadows, weights):
+                    pieces[0].lerp_(views, weight)
 
 
 def _groups(shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -390,12 +387,12 @@ class TorchBackend:
                                               requires_grad=False)
                     out.append(shadow.zero_() if zeros else shadow.copy_(first))
                     continue
-                flat = torch.empty(sum(sources[i].numel() for i in run), dtype=dtypes[run[0]],
-                                   device=target)
+                buffer = torch.empty(sum(sources[i].numel() for i in run),
+                                     dtype=dtypes[run[0]], device=target)
                 offset = 0
                 for i in run:
                     src = sources[i]
-                    shadow = flat.as_strided(src.shape, src.stride(), offset)
+                    shadow = buffer.as_strided(src.shape, src.stride(), offset)
                     offset += src.numel()
                     out.append(shadow.zero_() if zeros else shadow.copy_(src))
         return out
