@@ -72,3 +72,20 @@ def test_bench_cli_writes_results(tmp_path: Path) -> None:
                  "timm ModelEmaV3", "--out", str(tmp_path)]) == 0
     md = next(tmp_path.glob("update-peers-cpu-*threads-torch*.*.*-quick.md")).read_text()
     assert "| tiny-gpt | 1.1M / 100 | float32 | emakit |" in md
+
+
+def test_offload_overlap_script_runs_and_writes_results(tmp_path: Path) -> None:
+    """The GPU overlap benchmark, run on the CPU at toy size (nothing is offloaded here)."""
+    import json
+    import runpy
+
+    script = Path(__file__).parent.parent / "benchmarks" / "offload_overlap.py"
+    module = runpy.run_path(str(script))
+    assert module["main"](["--device", "cpu", "--layers", "2", "--width", "16", "--tokens",
+                           "8", "--steps", "2", "--every", "1", "3", "--repeats", "1",
+                           "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / f"offload-cpu-torch{torch.__version__.split('+')[0]}.json")
+                      .read_text())["rows"]
+    assert {(r["every"], r["contender"]) for r in rows} >= {
+        (e, c) for e in (1, 3) for c in ("no EMA", "emakit, shadows in host memory")}
+    assert all(r["ms_per_step"] > 0 for r in rows)

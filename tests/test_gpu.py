@@ -86,3 +86,62 @@ def test_flat_and_multi_on_cuda_equal_the_loop():
     for got, want in zip(multi, loops):
         for k in got.names:
             assert torch.equal(got.shadows[k], want.shadows[k]), k
+
+
+def test_offloaded_update_equals_the_loop_without_synchronising():
+    """CUDA model, host shadows: pinned mirror, non-blocking copies, the fold on the worker."""
+    import emakit.backends.torch as torch_backend
+
+    src = cuda_source(0)
+    ema = emakit.EMA(src, decay=0.9, device="cpu")
+    loop = emakit.EMA(src, decay=0.9, device="cpu", foreach=False)
+    ema.update()
+    loop.update()
+    parts = ema._plan.lerps + ema._plan.copies
+    assert parts and all(isinstance(p, torch_backend._Offloaded) for p in parts)
+    assert all(p.mirror[0].is_pinned() for p in parts)
+    for i in range(1, 6):
+        for k, v in cuda_source(i).items():
+            src[k].copy_(v)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ema.update()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        loop.update()
+        # the next "optimizer step" overwrites the weights right away, on the same stream
+        for v in src.values():
+            v.mul_(3)
+    for k in src:
+        assert torch.equal(ema.shadows[k], loop.shadows[k]), k
+
+
+def test_offloaded_flat_model_and_swap_on_cuda():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64)).cuda()
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64)).cuda()
+    ref.load_state_dict(model.state_dict())
+    model.bfloat16()
+    ref.bfloat16()
+    emakit.flatten_parameters(model)
+    ema = emakit.EMA(model, decay=0.9, device="cpu")
+    loop = emakit.EMA(ref, decay=0.9, device="cpu", foreach=False)
+    for i in range(4):
+        x = torch.randn(32, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(i))
+        for m in (model, ref):
+            m(x.bfloat16())  # BatchNorm buffers move
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.01 * (i + 1))
+        ema.update()
+        loop.update()
+    assert len(ema._plan.lerps[0].held_sources) == 1
+    for k in loop.names:
+        assert torch.equal(ema.shadows[k], loop.shadows[k]), k
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with ema.swapped():
+        assert torch.equal(model[0].weight.float().cpu(),
+                           ema.shadows["0.weight"].bfloat16().float())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -107,7 +107,10 @@ class EMA:
             zero; reads are bias-corrected).
         dtype: shadow dtype of floating tensors; default float32 for 16-bit sources, else the
             source's own (float64 stays float64). Integer and bool tensors are always copied.
-        device: where the shadows live (e.g. ``"cpu"`` to spare accelerator memory).
+        device: where the shadows live (e.g. ``"cpu"`` to spare accelerator memory). For a
+            CUDA model with host shadows, ``update()`` enqueues a non-blocking copy into a
+            pinned mirror and returns; a background thread folds it in, and every read of the
+            shadows waits for that first.
         policy: a :class:`~emakit.Policy`: which tensors are averaged, copied or skipped.
         skip_nonfinite: guard the average against NaN/Inf: a source tensor that is not all
             finite leaves its shadow unchanged for that update, and the skip is counted
@@ -268,6 +271,7 @@ class EMA:
     @property
     def shadows(self) -> Mapping[str, Any]:
         """Tracked name -> raw shadow tensor (before bias correction for ``init="zeros"``)."""
+        self._settle()
         return MappingProxyType(dict(zip(self._names, self._avg_shadows + self._copy_shadows)))
 
     @property
@@ -318,6 +322,8 @@ class EMA:
             sources = self._source.fetch(self._names)
         plan = self._plan
         if plan is None or not plan.fits(sources):
+            if plan is not None:
+                plan.settle()  # the old plan's work must reach the shadows before the new one's
             self._validate(sources)
             plan = self._plan = self._backend.plan(self._avg_shadows, self._copy_shadows,
                                                    sources, fast=self._foreach)
@@ -401,6 +407,7 @@ class EMA:
         return t, decay
 
     def _guarded(self, sources: list[Any], weight: float) -> None:
+        self._settle()
         n = len(self._avg_shadows)
         self._backend.guarded_update_(self._avg_shadows, sources[:n], weight, self._counters[:n])
         self._backend.guarded_update_(self._copy_shadows, sources[n:], None, self._counters[n:])
@@ -435,6 +442,7 @@ class EMA:
 
     def nonfinite_skips(self) -> dict[str, int]:
         """Name -> how many updates skipped that tensor because it held NaN/Inf (guard only)."""
+        self._settle()
         return dict(zip(self._names, self._backend.counts(self._counters)))
 
     # ---------------------------------------------------------------------- using the average
@@ -448,7 +456,14 @@ class EMA:
             )
         return 1.0 - self._decay_product
 
+    def _settle(self) -> None:
+        """Wait until every update so far has reached the shadows (offloaded ones finish on a
+        worker thread); called before anything reads or writes them."""
+        if self._plan is not None:
+            self._plan.settle()
+
     def _values(self) -> list[Any]:
+        self._settle()
         divisor = self._divisor()
         avg = self._avg_shadows
         if divisor is not None:
@@ -642,6 +657,7 @@ class EMA:
         count restarts; the step count is kept.
         """
         self._check_not_swapped("register() called")
+        self._settle()
         zeros = self._init == "zeros"
         avg = self._source.fetch(self._avg_names)
         cpy = self._source.fetch(self._copy_names)
@@ -709,6 +725,7 @@ class EMA:
 
     def _adopt(self, weights: Mapping[str, Any], num_updates: int) -> None:
         """Copy averaged ``weights`` (by tracked name, cast to the shadows' dtype) in."""
+        self._settle()
         b = self._backend
         mine = dict(zip(self._names, self._avg_shadows + self._copy_shadows))
         try:
@@ -745,6 +762,7 @@ class EMA:
                 "checkpoint after the swapped() block; for the EMA model weights use "
                 "ema.model_state_dict(), which is right anywhere."
             )
+        self._settle()
         state: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "backend": self._backend.name,
@@ -811,6 +829,7 @@ class EMA:
 
     def _apply_state(self, state: Mapping[str, Any], checked: tuple[Any, ...]) -> LoadResult:
         counters, shadows, missing, unexpected = checked
+        self._settle()
         b = self._backend
         mine = dict(zip(self._names, self._avg_shadows + self._copy_shadows))
         changed = self._changed_settings(state)

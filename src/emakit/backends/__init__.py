@@ -43,6 +43,14 @@ class Plan(Protocol):
     def copy_(self, sources: Sequence[Any]) -> None:
         """In place, for each copied i: ``copy_shadows[i] <- sources[n_averaged + i]``."""
 
+    def settle(self) -> None:
+        """Block until every ``lerp_`` / ``copy_`` so far has reached the shadows.
+
+        ``lerp_`` and ``copy_`` may return before the shadows hold the result (a shadow offloaded
+        to host memory is updated by a worker thread); the engine calls this before any read
+        or write of the shadows. An error raised by that work is raised here.
+        """
+
 
 class SharedRead(Protocol):
     """Several plans over one source, updated in one pass that reads the source once."""

@@ -103,6 +103,9 @@ class _NumpyPlan:
         for d, s in zip(self.copy_shadows, sources[len(self.shadows):]):
             np.copyto(d, s, casting="unsafe")
 
+    def settle(self) -> None:
+        """Nothing to wait for: numpy updates are done when ``lerp_`` returns."""
+
 
 def _signature(xs: Sequence[Any]) -> list[tuple[Any, ...]]:
     return [(x.shape, x.dtype) for x in xs]

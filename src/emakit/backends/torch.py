@@ -6,17 +6,22 @@ pairs that lie back to back in memory on both sides (a module laid out by
 the plan as two 1-D views, so one kernel covers the run; other tensors stay loose. A group whose
 source already has the shadow's dtype and device is one ``lerp_`` (one run) or one
 ``_foreach_lerp_`` (runs and loose tensors together). A group that needs a conversion (fp32
-shadow of a bf16 model, shadow offloaded to another device) goes through a preallocated staging
+shadow of a bf16 model, shadow on another device) goes through a preallocated staging
 buffer in chunks: ``_foreach_copy_`` converts a chunk into views of the staging buffer,
-``_foreach_lerp_`` folds it in; no per-tensor Python loop, no allocation per update. Each update
+``_foreach_lerp_`` folds it in; no per-tensor Python loop, no allocation per update. A CUDA
+model's group with host shadows is copied without blocking into a pinned host mirror and folded
+in by a background thread (:class:`_Offloaded`); ``Plan.settle`` waits for it. Each update
 re-checks the plan: one pointer read per held tensor (sound, because the plan keeps that memory
-alive), shape/dtype/device for loose ones. Nothing here reads a tensor value on the host, so an
-update never synchronises with the device.
+alive), shape/dtype/device for loose ones. Nothing here reads a tensor value on the host or
+waits for the device on the calling thread, so an update never synchronises with the device.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as futures
 import contextlib
+import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -127,6 +132,13 @@ class _Part:
             return self.held_sources
         return self.held_sources + [sources[i] for i in self.loose]
 
+    def copy_(self, sources: Sequence[torch.Tensor]) -> None:
+        srcs = self.sources(sources)
+        if len(srcs) == 1:
+            self.shadows[0].copy_(srcs[0])
+        elif srcs:
+            torch._foreach_copy_(self.shadows, srcs)
+
 
 class _Direct(_Part):
     """Sources already in the shadows' dtype and device: one ``lerp_`` (or copy) per group."""
@@ -138,12 +150,6 @@ class _Direct(_Part):
         elif srcs:
             torch._foreach_lerp_(self.shadows, srcs, weight)
 
-    def copy_(self, sources: Sequence[torch.Tensor]) -> None:
-        srcs = self.sources(sources)
-        if len(srcs) == 1:
-            self.shadows[0].copy_(srcs[0])
-        elif srcs:
-            torch._foreach_copy_(self.shadows, srcs)
 
 
 class _Staged(_Part):
@@ -196,6 +202,120 @@ class _Staged(_Part):
                 torch._foreach_lerp_(shadows, views, weight)
 
 
+def _offloads(source: torch.device, shadow: torch.device) -> bool:
+    """Whether a group goes through :class:`_Offloaded`: a CUDA model with host shadows."""
+    return source.type == "cuda" and shadow.type == "cpu"
+
+
+def _mirror(sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Host tensors shaped like ``sources``, back to back in one buffer (pinned for CUDA).
+
+    Dense sources keep their strides, so a mirror view and its source line up element by
+    element and sources back to back in memory give mirror views back to back too (one run).
+    """
+    first = sources[0]
+    buffer = torch.empty(sum(s.numel() for s in sources), dtype=first.dtype,
+                         pin_memory=first.device.type == "cuda")
+    views, offset = [], 0
+    for src in sources:
+        n = src.numel()
+        if is_dense(src):
+            views.append(buffer.as_strided(src.shape, src.stride(), offset))
+        else:
+            views.append(buffer[offset:offset + n].view(src.shape))
+        offset += n
+    return views
+
+
+def _transfer_done(device: torch.device) -> Any:
+    """An event on ``device``'s current stream after the copies enqueued so far (CUDA)."""
+    if device.type != "cuda":
+        return None  # host copies are complete when copy_ returns
+    return torch.cuda.current_stream(device).record_event()
+
+
+_WORKER: futures.ThreadPoolExecutor | None = None
+_WORKER_LOCK = threading.Lock()
+
+
+def _worker() -> futures.ThreadPoolExecutor:
+    """The one background thread that folds offloaded copies into host shadows (FIFO)."""
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None:
+            _WORKER = futures.ThreadPoolExecutor(max_workers=1,
+                                                 thread_name_prefix="emakit-offload")
+        return _WORKER
+
+
+def _forget_worker() -> None:  # a forked child has no worker thread: start a new one when needed
+    global _WORKER
+    _WORKER = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker)
+
+
+class _Offloaded(_Part):
+    """A CUDA model's group with shadows in host memory: copied over, then folded in off-thread.
+
+    ``lerp_`` (or ``copy_``) only enqueues work and returns: the sources are copied with
+    ``non_blocking=True`` into a pinned host mirror on the current CUDA stream, an event is
+    recorded after them, and the background worker waits for that event and runs the host
+    update (:class:`_Direct` or :class:`_Staged` over the mirror) while the host thread goes on
+    launching the next step. The host never waits for the GPU here (no synchronisation).
+    Later kernels on the stream (the next optimizer step) run after the copies, so the mirror
+    holds the weights of this update. :meth:`settle` waits for the worker; the next update
+    settles the previous one first, since it reuses the mirror.
+
+    As a :class:`_Part` this is the pairs (mirror, source): runs of sources back to back (a
+    flattened model) are copied with one ``copy_`` each.
+    """
+
+    def __init__(self, index: list[int], shadows: list[torch.Tensor],
+                 sources: list[torch.Tensor]) -> None:
+        mirror = _mirror(sources)
+        super().__init__(index, mirror, sources)
+        local = list(range(len(shadows)))
+        same = shadows[0].dtype == sources[0].dtype
+        self.host: _Direct | _Staged = (_Direct if same else _Staged)(local, shadows, mirror)
+        self.mirror = mirror
+        self.device = sources[0].device
+        self.pending: futures.Future[None] | None = None
+
+    def _send(self, sources: Sequence[torch.Tensor]) -> Any:
+        self.settle()  # the worker must be done with the mirror before it is overwritten
+        dsts, srcs = self.shadows, self.sources(sources)
+        if len(dsts) == 1:
+            dsts[0].copy_(srcs[0], non_blocking=True)
+        else:
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)
+        return _transfer_done(self.device)
+
+    def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
+        done = self._send(sources)
+        self.pending = _worker().submit(self._fold, done, weight)
+
+    def copy_(self, sources: Sequence[torch.Tensor]) -> None:
+        done = self._send(sources)
+        self.pending = _worker().submit(self._fold, done, None)
+
+    def _fold(self, done: Any, weight: float | None) -> None:
+        if done is not None:
+            done.synchronize()  # releases the GIL while the copies finish
+        with torch.no_grad():
+            if weight is None:
+                self.host.copy_(self.mirror)
+            else:
+                self.host.lerp_(self.mirror, weight)
+
+    def settle(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+
 class _TorchPlan:
     """The prepared update of one EMA: averaged groups, copied groups, and how to re-check them.
 
@@ -210,19 +330,19 @@ class _TorchPlan:
         self.loop = not fast
         self.avg_shadows = list(avg_shadows)
         self.copy_shadows = list(copy_shadows)
-        self.lerps: list[_Direct | _Staged] = []
-        self.copies: list[_Direct] = []
+        self.lerps: list[_Direct | _Staged | _Offloaded] = []
+        self.copies: list[_Direct | _Offloaded] = []
         if fast:
             for index in _groups(avg_shadows, sources[:n]):
                 shadows, srcs = [avg_shadows[i] for i in index], [sources[i] for i in index]
-                direct = shadows[0].dtype == srcs[0].dtype and \
-                    shadows[0].device == srcs[0].device
-                self.lerps.append((_Direct if direct else _Staged)(index, shadows, srcs))
+                self.lerps.append(_part_for(shadows[0], srcs[0])(index, shadows, srcs))
             for index in _groups(copy_shadows, sources[n:]):
                 at = [n + i for i in index]
-                self.copies.append(_Direct(at, [copy_shadows[i] for i in index],
-                                           [sources[i] for i in at]))
+                shadows, srcs = [copy_shadows[i] for i in index], [sources[i] for i in at]
+                offloaded = _offloads(srcs[0].device, shadows[0].device)
+                self.copies.append((_Offloaded if offloaded else _Direct)(at, shadows, srcs))
         parts = [*self.lerps, *self.copies]
+        self.offloaded = [p for p in parts if isinstance(p, _Offloaded)]
         held = sorted(i for p in parts for i in p.held)
         self.held = held if len(held) < len(sources) else None  # None: every source is held
         self.held_ptrs = [sources[i].data_ptr() for i in held]
@@ -263,6 +383,19 @@ class _TorchPlan:
                 return
             for part in self.copies:
                 part.copy_(sources)
+
+    def settle(self) -> None:
+        for part in self.offloaded:
+            part.settle()
+
+
+def _part_for(shadow: torch.Tensor, source: torch.Tensor) -> type[_Direct | _Staged | _Offloaded]:
+    """How a group with this shadow and source kind is averaged."""
+    if _offloads(source.device, shadow.device):
+        return _Offloaded
+    if shadow.dtype == source.dtype and shadow.device == source.device:
+        return _Direct
+    return _Staged
 
 
 def _source_runs(sources: Sequence[torch.Tensor], dtypes: Sequence[Any]) -> list[list[int]]:
@@ -407,7 +540,7 @@ class TorchBackend:
             return None
         parts = [p.lerps[0] for p in plans]
         first = parts[0]
-        if first.loose or len(first.held_sources) != 1:
+        if isinstance(first, _Offloaded) or first.loose or len(first.held_sources) != 1:
             return None
         source, shadow = first.held_sources[0], first.held_shadows[0]
         for part in parts:
