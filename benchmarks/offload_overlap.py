@@ -9,7 +9,8 @@ a device synchronisation and, for emakit, a wait for the last offloaded fold) is
 steps; **exposed ms/step** is that minus the same without any EMA, measured in the same run.
 
 Contenders: no EMA; emakit with shadows on the GPU; emakit with shadows in host memory
-(``device="cpu"``: pinned mirror, non-blocking copy, fold on a worker thread); emakit's plain
+(``device="cpu"``: pinned mirror, non-blocking copy, fold on a worker thread), the same attached
+with ``overlap=True`` (the copy on a side stream during the next forward/backward); emakit's plain
 per-tensor loop with host shadows (``foreach=False``: a synchronous ``.to("cpu")`` per tensor,
 which is what offloading peers do); and timm's ``ModelEmaV3(device="cpu")`` when timm is
 installed. Results go to ``benchmarks/results/offload-<device>-torch<version>.{md,json}``.
@@ -36,18 +37,25 @@ import emakit
 from emakit.bench.contenders import timm_model_ema
 
 Update = Callable[[], Any]
-Contender = Callable[[nn.Module, int], tuple[Update, Update]]  # (update, wait for it)
+# (model, optimizer, every) -> (call after each step, wait for the last update)
+Contender = Callable[[nn.Module, Any, int], tuple[Update, Update]]
 
 
 def _emakit(**options: Any) -> Contender:
-    def make(model: nn.Module, every: int) -> tuple[Update, Update]:
+    def make(model: nn.Module, opt: Any, every: int) -> tuple[Update, Update]:
         ema = emakit.EMA(model, decay=0.999, every=every, **options)
         return ema.update, lambda: ema.shadows  # reading the shadows waits for the last fold
 
     return make
 
 
-def _timm(model: nn.Module, every: int) -> tuple[Update, Update]:
+def _emakit_overlap(model: nn.Module, opt: Any, every: int) -> tuple[Update, Update]:
+    ema = emakit.EMA(model, decay=0.999, every=every, device="cpu")
+    ema.attach(opt, overlap=True)  # updates from the optimizer's hooks
+    return lambda: None, lambda: ema.shadows
+
+
+def _timm(model: nn.Module, opt: Any, every: int) -> tuple[Update, Update]:
     ema = timm_model_ema().ModelEmaV3(model, decay=0.999, device="cpu")
     count = [0]
 
@@ -63,6 +71,7 @@ CONTENDERS: dict[str, Contender | None] = {
     "no EMA": None,
     "emakit, shadows on the GPU": _emakit(),
     "emakit, shadows in host memory": _emakit(device="cpu"),
+    "emakit, host memory, attach(overlap=True)": _emakit_overlap,
     "emakit plain loop, host memory": _emakit(device="cpu", foreach=False),
     "timm ModelEmaV3(device='cpu')": _timm,
 }
@@ -87,7 +96,7 @@ def time_steps(name: str, args: argparse.Namespace, every: int) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     x = torch.randn(args.tokens, args.width, device=args.device, dtype=torch.bfloat16)
     make = CONTENDERS[name]
-    update, wait = make(model, every) if make is not None else (None, None)
+    update, wait = make(model, opt, every) if make is not None else (None, None)
 
     def step() -> None:
         loss = model(x).float().square().mean()

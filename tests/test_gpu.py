@@ -145,3 +145,29 @@ def test_offloaded_flat_model_and_swap_on_cuda():
                            ema.shadows["0.weight"].bfloat16().float())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_offload_overlap_on_a_side_stream_equals_the_loop():
+    """attach(overlap=True): the copy runs on a side stream; the next step waits for it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(),
+                                torch.nn.Linear(256, 256)).cuda().bfloat16()
+    ref = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(),
+                              torch.nn.Linear(256, 256)).cuda().bfloat16()
+    ref.load_state_dict(model.state_dict())
+    emakit.flatten_parameters(model)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, ref)]
+    ema = emakit.EMA(model, decay=0.9, device="cpu")
+    loop = emakit.EMA(ref, decay=0.9, device="cpu", foreach=False)
+    attachment = ema.attach(opts[0], overlap=True)
+    loop.attach(opts[1])
+    x = torch.randn(512, 256, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    for _ in range(6):
+        for m, opt in zip((model, ref), opts):
+            m(x.bfloat16()).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert ema._plan.lerps[0].stream is not None
+    for k in loop.names:
+        assert torch.equal(ema.shadows[k], loop.shadows[k]), k
+    attachment.remove()

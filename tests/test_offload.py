@@ -190,6 +190,7 @@ def test_a_new_plan_waits_for_the_old_one(offloaded):
 def test_an_error_in_the_worker_is_raised_at_the_next_read(offloaded, monkeypatch):
     ema = emakit.EMA(make_model(), decay=0.5)
     ema.update()
+    ema.averaged()  # that update's fold is done before lerp_ breaks
 
     def broken(self, sources, weight):
         raise RuntimeError("host fold failed")
@@ -221,3 +222,59 @@ def test_the_worker_is_one_thread_and_named():
     assert worker is torch_backend._worker()
     name = worker.submit(lambda: threading.current_thread().name).result()
     assert name.startswith("emakit-offload")
+
+
+def train(model, opt, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 8, generator=g)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_attach_with_overlap_fences_before_each_step_and_equals_the_loop(offloaded, monkeypatch):
+    fenced = []
+    real_fence = torch_backend._Offloaded.fence
+    monkeypatch.setattr(torch_backend._Offloaded, "fence",
+                        lambda self: (fenced.append(self), real_fence(self)))
+    no_buffers = emakit.Policy(buffers="skip")
+    model, ref = make_model(), make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    ema = emakit.EMA(model, decay=0.9, policy=no_buffers)
+    loop = emakit.EMA(ref, decay=0.9, policy=no_buffers, foreach=False)
+    attachment = ema.attach(opt, overlap=True)
+    ref_handle = loop.attach(ref_opt)
+    train(model, opt, 5)
+    train(ref, ref_opt, 5)
+    assert ema.step == loop.step == 5
+    assert len(fenced) == 4  # before steps 2..5: the update of the step before (one part)
+    assert ema._plan.lerps[0].stream is None  # a side stream only for a CUDA model
+    for name in loop.names:
+        assert torch.equal(ema.shadows[name], loop.shadows[name]), name
+    attachment.remove()
+    attachment.remove()  # a second call does nothing
+    ref_handle.remove()
+    assert ema._overlaps == 0 and ema._plan is None  # the next update plans without overlap
+    train(model, opt, 1)
+    assert ema.step == 5 and len(fenced) == 4
+
+
+def test_attach_with_overlap_refuses_what_the_step_does_not_write_alone():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = emakit.EMA(model, decay=0.9)
+    with pytest.raises(ValueError, match=r"3 may change otherwise: '1.running_mean', "
+                                         r"'1.running_var', '1.num_batches_tracked'") as info:
+        ema.attach(opt, overlap=True)
+    assert "Policy(buffers='skip')" in str(info.value)
+    assert ema._overlaps == 0
+    head_only = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    ema = emakit.EMA(model, decay=0.9, policy=emakit.Policy(buffers="skip"))
+    with pytest.raises(ValueError, match=r"4 may change otherwise: '0.weight', '0.bias', "
+                                         r"'1.weight', '1.bias'"):
+        ema.attach(head_only, overlap=True)
+    for p in [*model[0].parameters(), *model[1].parameters()]:  # frozen: nothing writes them
+        p.requires_grad_(False)
+    ema.attach(head_only, overlap=True).remove()

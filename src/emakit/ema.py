@@ -38,7 +38,7 @@ from emakit.errors import EMAWarning, StateDictError, SwapError
 from emakit.policy import Action, Policy
 from emakit.sources import Entry, Source, as_source
 
-__all__ = ["EMA", "FORMAT_VERSION", "LoadResult"]
+__all__ = ["EMA", "FORMAT_VERSION", "Attachment", "LoadResult"]
 
 FORMAT_VERSION = 1
 """Version of the layout of :meth:`EMA.state_dict`; bumped on any incompatible change."""
@@ -90,6 +90,25 @@ def _int_option(name: str, value: object, minimum: int) -> int:
     if int(value) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}.")
     return int(value)
+
+
+class Attachment:
+    """What :meth:`EMA.attach` returns: the optimizer hooks; :meth:`remove` detaches the EMA."""
+
+    def __init__(self, ema: EMA, handles: list[Any], overlap: bool) -> None:
+        self._ema: EMA | None = ema
+        self._handles = handles
+        self._overlap = overlap
+
+    def remove(self) -> None:
+        """Stop updating after each step (a second call does nothing)."""
+        ema, self._ema = self._ema, None
+        if ema is None:
+            return
+        for handle in self._handles:
+            handle.remove()
+        if self._overlap:
+            ema._set_overlap(-1)
 
 
 class EMA:
@@ -182,6 +201,7 @@ class EMA:
         self._reset_counters(self._start)
         self._counters = self._backend.new_counters(self._avg_shadows + self._copy_shadows)
         self._plan: Plan | None = None
+        self._overlaps = 0  # attachments with overlap=True
         self._swap: list[tuple[Any, Any, bool]] | None = None
         self._stored: list[Any] | None = None
 
@@ -326,7 +346,8 @@ class EMA:
                 plan.settle()  # the old plan's work must reach the shadows before the new one's
             self._validate(sources)
             plan = self._plan = self._backend.plan(self._avg_shadows, self._copy_shadows,
-                                                   sources, fast=self._foreach)
+                                                   sources, fast=self._foreach,
+                                                   overlap=self._overlaps > 0)
         return sources, plan
 
     def _validate(self, tensors: list[Any]) -> None:
@@ -419,26 +440,68 @@ class EMA:
         self._decay_product *= decay
         self._last_decay = decay
 
-    def attach(self, optimizer: Any) -> Any:
+    def attach(self, optimizer: Any, *, overlap: bool = False) -> Attachment:
         """Update after every ``optimizer.step()`` via the optimizer's post-step hook.
 
         Args:
             optimizer: a ``torch.optim.Optimizer``.
+            overlap: for a CUDA model with shadows in host memory (``device="cpu"``): copy the
+                weights to the host on a side stream, alongside the next forward and backward
+                pass, instead of before them; a pre-step hook makes the next
+                ``optimizer.step()`` wait for that copy on the GPU (the host never waits). Only
+                right when nothing but this optimizer's step writes the tracked tensors
+                between steps: buffers (changed by the forward pass) and trainable tensors that
+                this optimizer does not step are refused. Elsewhere it changes nothing.
 
         Returns:
-            A handle; ``handle.remove()`` detaches the EMA.
+            An :class:`Attachment`; ``.remove()`` detaches the EMA.
+
+        Raises:
+            TypeError: if ``optimizer`` has no step hooks.
+            ValueError: for ``overlap=True`` when a tracked tensor may be written by something
+                other than this optimizer's step.
         """
-        register = getattr(optimizer, "register_step_post_hook", None)
-        if register is None:
+        post = getattr(optimizer, "register_step_post_hook", None)
+        pre = getattr(optimizer, "register_step_pre_hook", None)
+        if post is None or pre is None:
             raise TypeError(
                 f"attach() needs a torch.optim.Optimizer (with register_step_post_hook), got "
                 f"{type(optimizer).__name__}. Otherwise call ema.update() after each step."
             )
+        if overlap:
+            self._check_overlap(optimizer)
 
-        def hook(opt: Any, args: Any, kwargs: Any) -> None:
+        def after_step(opt: Any, args: Any, kwargs: Any) -> None:
             self.update()
 
-        return register(hook)
+        handles = [post(after_step)]
+        if overlap:
+            handles.append(pre(lambda opt, args, kwargs: self._fence()))
+            self._set_overlap(+1)
+        return Attachment(self, handles, overlap)
+
+    def _check_overlap(self, optimizer: Any) -> None:
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        bad = [e.name for e in self._source.entries() if e.name in self._actions
+               and (e.buffer or (e.requires_grad and id(e.tensor) not in stepped))]
+        if bad:
+            shown = ", ".join(repr(n) for n in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            raise ValueError(
+                f"attach(overlap=True) reads the weights alongside the next forward and backward "
+                f"pass, so every tracked tensor must be written only by this optimizer's step; "
+                f"{len(bad)} may change otherwise: {shown} (buffers change in the forward pass, "
+                "trainable tensors outside this optimizer elsewhere). Leave them out with "
+                "emakit.Policy(buffers='skip') or exclude=..., or attach without overlap."
+            )
+
+    def _set_overlap(self, change: int) -> None:
+        self._settle()  # a settled update has read its sources: nothing is left to fence
+        self._overlaps += change
+        self._plan = None  # the next update plans with the new mode
+
+    def _fence(self) -> None:
+        if self._plan is not None:
+            self._plan.fence()
 
     def nonfinite_skips(self) -> dict[str, int]:
         """Name -> how many updates skipped that tensor because it held NaN/Inf (guard only)."""

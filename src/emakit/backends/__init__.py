@@ -51,6 +51,13 @@ class Plan(Protocol):
         or write of the shadows. An error raised by that work is raised here.
         """
 
+    def fence(self) -> None:
+        """Make later device work wait until the last update has read the sources.
+
+        Only plans made with ``overlap=True`` read the sources alongside later work (on a side
+        stream); for all others this does nothing. It never blocks the host.
+        """
+
 
 class SharedRead(Protocol):
     """Several plans over one source, updated in one pass that reads the source once."""
@@ -81,8 +88,11 @@ class Backend(Protocol):
         """New shadows: copies of ``sources`` (or zeros) in ``dtypes`` on ``device``."""
 
     def plan(self, avg_shadows: Sequence[Any], copy_shadows: Sequence[Any],
-             sources: Sequence[Any], *, fast: bool) -> Plan:
-        """Prepare the update of the shadows from ``sources`` (grouped when ``fast``)."""
+             sources: Sequence[Any], *, fast: bool, overlap: bool = False) -> Plan:
+        """Prepare the update of the shadows from ``sources`` (grouped when ``fast``).
+
+        ``overlap``: the sources may be read alongside later work until :meth:`Plan.fence`.
+        """
 
     def shared_read(self, plans: Sequence[Plan]) -> SharedRead | None:
         """One pass that updates the averages of all ``plans`` (plans over the same source

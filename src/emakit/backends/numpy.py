@@ -106,6 +106,9 @@ class _NumpyPlan:
     def settle(self) -> None:
         """Nothing to wait for: numpy updates are done when ``lerp_`` returns."""
 
+    def fence(self) -> None:
+        """Nothing to fence: numpy updates read the sources before ``lerp_`` returns."""
+
 
 def _signature(xs: Sequence[Any]) -> list[tuple[Any, ...]]:
     return [(x.shape, x.dtype) for x in xs]
@@ -194,8 +197,8 @@ class NumpyBackend:
         return out
 
     def plan(self, avg_shadows: Sequence[Any], copy_shadows: Sequence[Any],
-             sources: Sequence[Any], *, fast: bool) -> Plan:
-        return _NumpyPlan(avg_shadows, copy_shadows, sources, fast)
+             sources: Sequence[Any], *, fast: bool, overlap: bool = False) -> Plan:
+        return _NumpyPlan(avg_shadows, copy_shadows, sources, fast)  # reads before returning
 
     def shared_read(self, plans: Sequence[Any]) -> Any:
         return None  # each average reads the arrays itself

@@ -227,6 +227,13 @@ def _mirror(sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return views
 
 
+def _copy_nonblocking(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    if len(dsts) == 1:
+        dsts[0].copy_(srcs[0], non_blocking=True)
+    else:
+        torch._foreach_copy_(dsts, srcs, non_blocking=True)
+
+
 def _transfer_done(device: torch.device) -> Any:
     """An event on ``device``'s current stream after the copies enqueued so far (CUDA)."""
     if device.type != "cuda":
@@ -269,12 +276,17 @@ class _Offloaded(_Part):
     holds the weights of this update. :meth:`settle` waits for the worker; the next update
     settles the previous one first, since it reuses the mirror.
 
+    With ``overlap`` the copies run on a side stream instead, alongside the next forward and
+    backward pass; :meth:`fence` (called before the next optimizer step) makes the current
+    stream wait for them on the GPU. That is only right when nothing but that step writes the
+    sources in between, which ``EMA.attach(optimizer, overlap=True)`` checks for what it can.
+
     As a :class:`_Part` this is the pairs (mirror, source): runs of sources back to back (a
     flattened model) are copied with one ``copy_`` each.
     """
 
     def __init__(self, index: list[int], shadows: list[torch.Tensor],
-                 sources: list[torch.Tensor]) -> None:
+                 sources: list[torch.Tensor], overlap: bool = False) -> None:
         mirror = _mirror(sources)
         super().__init__(index, mirror, sources)
         local = list(range(len(shadows)))
@@ -283,15 +295,26 @@ class _Offloaded(_Part):
         self.mirror = mirror
         self.device = sources[0].device
         self.pending: futures.Future[None] | None = None
+        overlap = overlap and self.device.type == "cuda"
+        self.stream: Any = torch.cuda.Stream(self.device) if overlap else None  # type: ignore[no-untyped-call]
+        self.unfenced: Any = None  # the side stream's event that the device has not waited for
 
     def _send(self, sources: Sequence[torch.Tensor]) -> Any:
         self.settle()  # the worker must be done with the mirror before it is overwritten
         dsts, srcs = self.shadows, self.sources(sources)
-        if len(dsts) == 1:
-            dsts[0].copy_(srcs[0], non_blocking=True)
-        else:
-            torch._foreach_copy_(dsts, srcs, non_blocking=True)
-        return _transfer_done(self.device)
+        if self.stream is None:
+            _copy_nonblocking(dsts, srcs)
+            return _transfer_done(self.device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            _copy_nonblocking(dsts, srcs)
+        self.unfenced = done = self.stream.record_event()
+        return done
+
+    def fence(self) -> None:
+        done, self.unfenced = self.unfenced, None
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
 
     def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
         done = self._send(sources)
@@ -325,7 +348,7 @@ class _TorchPlan:
     """
 
     def __init__(self, avg_shadows: Sequence[torch.Tensor], copy_shadows: Sequence[torch.Tensor],
-                 sources: Sequence[torch.Tensor], fast: bool) -> None:
+                 sources: Sequence[torch.Tensor], fast: bool, overlap: bool) -> None:
         n = len(avg_shadows)
         self.loop = not fast
         self.avg_shadows = list(avg_shadows)
@@ -335,12 +358,14 @@ class _TorchPlan:
         if fast:
             for index in _groups(avg_shadows, sources[:n]):
                 shadows, srcs = [avg_shadows[i] for i in index], [sources[i] for i in index]
-                self.lerps.append(_part_for(shadows[0], srcs[0])(index, shadows, srcs))
+                self.lerps.append(_part(shadows, srcs, index, overlap))
             for index in _groups(copy_shadows, sources[n:]):
                 at = [n + i for i in index]
                 shadows, srcs = [copy_shadows[i] for i in index], [sources[i] for i in at]
-                offloaded = _offloads(srcs[0].device, shadows[0].device)
-                self.copies.append((_Offloaded if offloaded else _Direct)(at, shadows, srcs))
+                if _offloads(srcs[0].device, shadows[0].device):
+                    self.copies.append(_Offloaded(at, shadows, srcs, overlap))
+                else:
+                    self.copies.append(_Direct(at, shadows, srcs))
         parts = [*self.lerps, *self.copies]
         self.offloaded = [p for p in parts if isinstance(p, _Offloaded)]
         held = sorted(i for p in parts for i in p.held)
@@ -388,14 +413,20 @@ class _TorchPlan:
         for part in self.offloaded:
             part.settle()
 
+    def fence(self) -> None:
+        for part in self.offloaded:
+            part.fence()
 
-def _part_for(shadow: torch.Tensor, source: torch.Tensor) -> type[_Direct | _Staged | _Offloaded]:
-    """How a group with this shadow and source kind is averaged."""
+
+def _part(shadows: list[torch.Tensor], sources: list[torch.Tensor], index: list[int],
+          overlap: bool) -> _Direct | _Staged | _Offloaded:
+    """The averaged part of one group, by the kind of its shadows and sources."""
+    shadow, source = shadows[0], sources[0]
     if _offloads(source.device, shadow.device):
-        return _Offloaded
+        return _Offloaded(index, shadows, sources, overlap)
     if shadow.dtype == source.dtype and shadow.device == source.device:
-        return _Direct
-    return _Staged
+        return _Direct(index, shadows, sources)
+    return _Staged(index, shadows, sources)
 
 
 def _source_runs(sources: Sequence[torch.Tensor], dtypes: Sequence[Any]) -> list[list[int]]:
@@ -531,8 +562,8 @@ class TorchBackend:
         return out
 
     def plan(self, avg_shadows: Sequence[Any], copy_shadows: Sequence[Any],
-             sources: Sequence[Any], *, fast: bool) -> Plan:
-        return _TorchPlan(avg_shadows, copy_shadows, sources, fast)
+             sources: Sequence[Any], *, fast: bool, overlap: bool = False) -> Plan:
+        return _TorchPlan(avg_shadows, copy_shadows, sources, fast, overlap)
 
     def shared_read(self, plans: Sequence[Any]) -> Any:
         # every plan must be one held run over the same source memory, into shadows of one kind
