@@ -298,6 +298,9 @@ class _Offloaded(_Part):
         overlap = overlap and self.device.type == "cuda"
         self.stream: Any = torch.cuda.Stream(self.device) if overlap else None  # type: ignore[no-untyped-call]
         self.unfenced: Any = None  # the side stream's event that the device has not waited for
+        # the tensors the side stream reads, kept alive until the current stream waits for it:
+        # memory freed earlier could be handed to the next step's kernels while still being read
+        self.in_flight: list[torch.Tensor] = []
 
     def _send(self, sources: Sequence[torch.Tensor]) -> Any:
         self.settle()  # the worker must be done with the mirror before it is overwritten
@@ -309,12 +312,14 @@ class _Offloaded(_Part):
         with torch.cuda.stream(self.stream):
             _copy_nonblocking(dsts, srcs)
         self.unfenced = done = self.stream.record_event()
+        self.in_flight = srcs
         return done
 
     def fence(self) -> None:
         done, self.unfenced = self.unfenced, None
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)
+        self.in_flight = []
 
     def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
         done = self._send(sources)
