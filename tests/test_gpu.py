@@ -22,6 +22,16 @@ def cuda_source(seed):
     }
 
 
+def update_without_sync(ema):
+    """ema.update(), failing if it synchronises the host with the device."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ema.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_fast_path_equals_loop_on_cuda():
     src = cuda_source(0)
     fast, loop = emakit.EMA(src, decay=0.99), emakit.EMA(src, decay=0.99, foreach=False)
@@ -39,12 +49,7 @@ def test_update_does_not_synchronise_on_cuda():
     for guard in (False, True):
         ema = emakit.EMA(src, decay=0.99, skip_nonfinite=guard)
         ema.update()  # first update builds the plan
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            ema.update()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        update_without_sync(ema)
 
 
 def test_cpu_offloaded_shadow_of_cuda_model_swaps_and_restores_bitwise():
@@ -103,12 +108,7 @@ def test_offloaded_update_equals_the_loop_without_synchronising():
     for i in range(1, 6):
         for k, v in cuda_source(i).items():
             src[k].copy_(v)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            ema.update()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        update_without_sync(ema)
         loop.update()
         # the next "optimizer step" overwrites the weights right away, on the same stream
         for v in src.values():
