@@ -465,7 +465,7 @@ class EMA:
         pre = getattr(optimizer, "register_step_pre_hook", None)
         if post is None or pre is None:
             raise TypeError(
-                f"attach() needs a torch.optim.Optimizer (with register_step_post_hook), got "
+                f"attach() needs a torch.optim.Optimizer (with step pre and post hooks), got "
                 f"{type(optimizer).__name__}. Otherwise call ema.update() after each step."
             )
         if overlap:

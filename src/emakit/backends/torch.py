@@ -133,11 +133,16 @@ class _Part:
         return self.held_sources + [sources[i] for i in self.loose]
 
     def copy_(self, sources: Sequence[torch.Tensor]) -> None:
-        srcs = self.sources(sources)
-        if len(srcs) == 1:
-            self.shadows[0].copy_(srcs[0])
-        elif srcs:
-            torch._foreach_copy_(self.shadows, srcs)
+        _copy_all(self.shadows, self.sources(sources))
+
+
+def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor], *,
+              non_blocking: bool = False) -> None:
+    """``dsts[i].copy_(srcs[i])`` for all i, as one kernel call where there are several."""
+    if len(dsts) == 1:
+        dsts[0].copy_(srcs[0], non_blocking=non_blocking)
+    elif dsts:
+        torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
 
 
 class _Direct(_Part):
@@ -227,13 +232,6 @@ def _mirror(sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return views
 
 
-def _copy_nonblocking(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-    if len(dsts) == 1:
-        dsts[0].copy_(srcs[0], non_blocking=True)
-    else:
-        torch._foreach_copy_(dsts, srcs, non_blocking=True)
-
-
 def _transfer_done(device: torch.device) -> Any:
     """An event on ``device``'s current stream after the copies enqueued so far (CUDA)."""
     if device.type != "cuda":
@@ -306,11 +304,11 @@ class _Offloaded(_Part):
         self.settle()  # the worker must be done with the mirror before it is overwritten
         dsts, srcs = self.shadows, self.sources(sources)
         if self.stream is None:
-            _copy_nonblocking(dsts, srcs)
+            _copy_all(dsts, srcs, non_blocking=True)
             return _transfer_done(self.device)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            _copy_nonblocking(dsts, srcs)
+            _copy_all(dsts, srcs, non_blocking=True)
         self.unfenced = done = self.stream.record_event()
         self.in_flight = srcs
         return done
@@ -359,18 +357,15 @@ class _TorchPlan:
         self.avg_shadows = list(avg_shadows)
         self.copy_shadows = list(copy_shadows)
         self.lerps: list[_Direct | _Staged | _Offloaded] = []
-        self.copies: list[_Direct | _Offloaded] = []
+        self.copies: list[_Direct | _Staged | _Offloaded] = []  # never _Staged (see _part)
         if fast:
             for index in _groups(avg_shadows, sources[:n]):
                 shadows, srcs = [avg_shadows[i] for i in index], [sources[i] for i in index]
-                self.lerps.append(_part(shadows, srcs, index, overlap))
+                self.lerps.append(_part(shadows, srcs, index, overlap, copied=False))
             for index in _groups(copy_shadows, sources[n:]):
                 at = [n + i for i in index]
                 shadows, srcs = [copy_shadows[i] for i in index], [sources[i] for i in at]
-                if _offloads(srcs[0].device, shadows[0].device):
-                    self.copies.append(_Offloaded(at, shadows, srcs, overlap))
-                else:
-                    self.copies.append(_Direct(at, shadows, srcs))
+                self.copies.append(_part(shadows, srcs, at, overlap, copied=True))
         parts = [*self.lerps, *self.copies]
         self.offloaded = [p for p in parts if isinstance(p, _Offloaded)]
         held = sorted(i for p in parts for i in p.held)
@@ -424,12 +419,16 @@ class _TorchPlan:
 
 
 def _part(shadows: list[torch.Tensor], sources: list[torch.Tensor], index: list[int],
-          overlap: bool) -> _Direct | _Staged | _Offloaded:
-    """The averaged part of one group, by the kind of its shadows and sources."""
+          overlap: bool, *, copied: bool) -> _Direct | _Staged | _Offloaded:
+    """The part for one group, by the kind of its shadows and sources.
+
+    Copied tensors keep their dtype, and a plain ``copy_`` moves them to another device, so
+    they need no staging; only a CUDA model's copies to host shadows go through the mirror.
+    """
     shadow, source = shadows[0], sources[0]
     if _offloads(source.device, shadow.device):
         return _Offloaded(index, shadows, sources, overlap)
-    if shadow.dtype == source.dtype and shadow.device == source.device:
+    if copied or (shadow.dtype == source.dtype and shadow.device == source.device):
         return _Direct(index, shadows, sources)
     return _Staged(index, shadows, sources)
 
