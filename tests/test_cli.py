@@ -141,11 +141,13 @@ def test_demo_decay_and_half_life_are_exclusive(capsys):
 
 
 @pytest.mark.slow
-def test_demo_defaults_run_under_a_minute_and_the_ema_wins(capsys, tmp_path):
+def test_demo_defaults_the_ema_wins(capsys, tmp_path):
+    """The default run: the EMA beats the training weights. How long it takes is measured in
+    benchmarks/demo_gain.py, not asserted here (a shared machine can be any amount slower)."""
     rc, _stdout, err = _run(capsys, "demo", "--out", tmp_path, "--no-progress")
     assert rc == 0, err
     report = json.loads((tmp_path / "report.json").read_text())
-    assert len(report["epochs"]) == 30 and report["timings"]["total_s"] < 60
+    assert len(report["epochs"]) == 30
     s = report["summary"]
     assert s["best_ema_val_acc"] > s["best_raw_val_acc"]
     assert s["test_acc_best_ema"] > s["test_acc_final_raw"]
