@@ -23,7 +23,19 @@ _BYTES = {torch.float32: 12.0, torch.bfloat16: 10.0, torch.float16: 10.0}
 
 
 def run(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Time ``spec["contenders"]`` on ``spec["model"]``; see :mod:`emakit.bench` for the keys."""
+    """Time ``spec["contenders"]`` on ``spec["model"]``, one row per contender.
+
+    Args:
+        spec: ``model`` and ``contenders`` (names in :mod:`emakit.bench.models` and
+            :mod:`emakit.bench.contenders`); optional ``device`` ("cpu"), ``dtype``
+            ("float32"), ``chunks`` (15) and ``chunk_s`` (0.05) for
+            :func:`emakit.bench.timing.interleaved`.
+
+    Returns:
+        Rows with the timings, ``chunks_kept``, ``chunks_discarded`` (noisy pairs),
+        ``quiet`` and ``others_cpus`` (the load other processes put on the machine meanwhile),
+        or ``skipped`` for a peer that is not installed.
+    """
     device = spec.get("device", "cpu")
     dtype = getattr(torch, spec.get("dtype", "float32"))
     model = build(spec["model"], device=device, dtype=dtype)
@@ -52,7 +64,8 @@ def run(spec: dict[str, Any]) -> list[dict[str, Any]]:
         row.update(update_ms=result.update_s * 1e3, flat_ms=flat_same_bytes * 1e3,
                    x_flat=result.update_s / flat_same_bytes,
                    gb_s=n * _BYTES[torch.float32] * moved / result.update_s / 1e9,
-                   chunks_kept=result.kept, chunks_discarded=result.discarded)
+                   chunks_kept=result.kept, chunks_discarded=result.discarded,
+                   quiet=result.quiet, others_cpus=result.others_cpus)
         if device == "cpu":
             row["transient_mb"] = (transient_bytes(update) or 0) / 1e6
         rows.append(row)

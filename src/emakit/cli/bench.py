@@ -3,8 +3,9 @@
 Each model is built in plain torch (:mod:`emakit.bench.models`); each contender runs in a fresh
 process (``--quick``: one process per model) and is timed in chunks interleaved with one flat
 ``lerp_`` over as many fp32 elements as the model has parameters (``x flat``; 1.00 is the
-single-pass limit), discarding chunks during which other processes used the CPU. Writes a
-markdown table and JSON to ``--out``, named by device, threads and torch version.
+single-pass limit), discarding chunks during which other processes used the CPU; the output says
+how many were discarded and how many CPUs other processes used meanwhile. Writes a markdown table
+and JSON to ``--out`` (created if needed), named by device, threads and torch version.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from emakit.cli import CLIError
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "busy_summary", "run"]
 
 QUICK_MODELS = ("tiny-gpt", "resnet50")
 FULL_MODELS = ("tiny-gpt", "resnet50", "gpt2-small", "linear-4x")
@@ -38,7 +39,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--bf16", action="store_true",
                    help="also time emakit on bf16 copies of the models (fp32 shadows)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                   help="folder for the .md and .json results")
+                   help="folder for the .md and .json results (created if needed; default "
+                        "benchmarks/results under the current folder)")
     p.set_defaults(run=run)
 
 
@@ -53,19 +55,54 @@ def _worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _load(r: dict[str, Any]) -> str:
+    """The chunk pairs kept / discarded and the other processes' load during a row's timing."""
+    if "chunks_kept" not in r:
+        return ""
+    others = r.get("others_cpus")
+    load = "" if others is None else f", others {others:.2f} CPUs"
+    if not r.get("quiet", True):
+        return f"{r['chunks_kept']} incl. {r['chunks_discarded']} noisy (never quiet){load}"
+    return f"{r['chunks_kept']} / {r['chunks_discarded']}{load}"
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     out = ["| model | params / tensors | dtype | contender | ms / update | x flat | GB/s | "
-           "transient MB |", "|---|---|---|---|---|---|---|---|"]
+           "transient MB | chunks kept / discarded, load |", "|---" * 9 + "|"]
     for r in rows:
         head = (f"| {r['model']} | {r['params'] / 1e6:.1f}M / {r['tensors']} | {r['dtype']} | "
                 f"{r['contender']} |")
         if "skipped" in r:
-            out.append(f"{head} {r['skipped']} | | | |")
+            out.append(f"{head} {r['skipped']} | | | | |")
             continue
         x = r["x_flat"] if r["contender"] != "emakit swap round trip" else float("nan")
         out.append(f"{head} {r['update_ms']:.3f} | {x:.2f} | {r['gb_s']:.1f} | "
-                   f"{r.get('transient_mb', float('nan')):.1f} |")
+                   f"{r.get('transient_mb', float('nan')):.1f} | {_load(r)} |")
     return "\n".join(out)
+
+
+def busy_summary(rows: list[dict[str, Any]]) -> str:
+    """One line on how busy the machine was while the rows were timed.
+
+    Example:
+        >>> busy_summary([{"chunks_kept": 15, "chunks_discarded": 0, "others_cpus": 0.01}])
+        'machine quiet: 0 of 15 chunk pairs noisy (other processes: up to 0.01 CPUs)'
+        >>> busy_summary([{"chunks_kept": 15, "chunks_discarded": 3, "others_cpus": 0.6}])
+        'machine busy: 3 of 18 chunk pairs noisy and discarded (other processes: up to 0.60 CPUs)'
+    """
+    timed = [r for r in rows if "chunks_kept" in r]
+    noisy = sum(r["chunks_discarded"] for r in timed)
+    total = sum(r["chunks_kept"] + (r["chunks_discarded"] if r.get("quiet", True) else 0)
+                for r in timed)
+    never = sum(not r.get("quiet", True) for r in timed)
+    loads = [r["others_cpus"] for r in timed if r.get("others_cpus") is not None]
+    load = f"other processes: up to {max(loads):.2f} CPUs" if loads else "load not measured"
+    if never:
+        return (f"machine BUSY: {noisy} of {total} chunk pairs noisy; {never} row(s) never got "
+                f"quiet and keep their noisy chunks; {load}. Rerun on an idle machine.")
+    if noisy:
+        return f"machine busy: {noisy} of {total} chunk pairs noisy and discarded ({load})"
+    return f"machine quiet: 0 of {total} chunk pairs noisy ({load})"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,8 +117,10 @@ def run(args: argparse.Namespace) -> int:
     for c in contenders:
         if c not in CONTENDERS:
             raise CLIError(f"unknown contender {c!r}; choose from {', '.join(CONTENDERS)}.")
-    if not args.out.is_dir():
-        raise CLIError(f"--out: no such folder: {str(args.out)!r}")
+    if args.out.exists() and not args.out.is_dir():
+        raise CLIError(f"--out {str(args.out)!r} is a file, not a folder; give a folder for the "
+                       ".md and .json results.")
+    args.out.mkdir(parents=True, exist_ok=True)
     import torch
 
     threads = args.threads or torch.get_num_threads()
@@ -103,11 +142,17 @@ def run(args: argparse.Namespace) -> int:
     for i, job in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {job['model']} {job.get('dtype', 'float32')}: "
               f"{', '.join(job['contenders'])}", file=sys.stderr, flush=True)
-        rows += _worker(job)
+        new = _worker(job)
+        for r in new:
+            if "chunks_kept" in r:
+                print(f"  {r['contender']}: {r['update_ms']:.3f} ms, x flat {r['x_flat']:.2f}; "
+                      f"chunks kept / discarded {_load(r)}", file=sys.stderr, flush=True)
+        rows += new
         _write(args.out / name, rows, device, threads, time.perf_counter() - started,
                done=i == len(jobs))  # after every job: a long run killed midway keeps its rows
     print(_table(rows))
-    print(f"\nwrote {args.out / name}.md and .json in {time.perf_counter() - started:.0f} s")
+    print(f"\n{busy_summary(rows)}")
+    print(f"wrote {args.out / name}.md and .json in {time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -127,8 +172,10 @@ def _write(stem: Path, rows: list[dict[str, Any]], device: str, threads: int, se
             f"# EMA update vs peers ({device}, {threads} threads, torch {torch.__version__})\n\n"
             f"`{meta['command']}` ({seconds:.0f} s{'' if done else ', incomplete'}). x flat = "
             "median update time / median time of one lerp_ over one flat fp32 buffer of the "
-            "same element count (bf16 rows: of the same bytes), timed interleaved; chunks during "
-            "which other processes used the CPU are discarded. Swap rows: one `with "
+            "same element count (bf16 rows: of the same bytes), timed interleaved; chunk pairs "
+            "during which other processes used the CPU are discarded (last column: pairs kept / "
+            "discarded, and the CPUs other processes used on average meanwhile). Swap rows: "
+            "one `with "
             "ema.swapped(): pass` round trip (x flat not meaningful). every=4 rows: per optimizer "
             "step. Transient MB: bytes torch allocated during one update.\n\n"
-            f"{_table(rows)}\n")
+            f"{_table(rows)}\n\n{busy_summary(rows)}\n")
