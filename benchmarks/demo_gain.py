@@ -50,7 +50,7 @@ def main() -> None:
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     stem = out / f"demo-gain-cpu-torch{torch.__version__.split('+')[0]}"
-    stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "summary": summary},
+    Path(f"{stem}.json").write_text(json.dumps({"rows": rows, "summary": summary},
                                                     indent=2) + "\n")
     lines = ["# `emakit demo`: EMA vs raw weights over seeds", "",
              "`python benchmarks/demo_gain.py` (default demo settings, 2 CPU threads).", "",
@@ -64,7 +64,7 @@ def main() -> None:
               f"{summary['gain_max']:+.4f}.",
               f"Test gain (kept best EMA - final raw): mean {summary['test_gain_mean']:+.4f}, "
               f"std {summary['test_gain_std']:.4f}."]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-2:]))
 
 

@@ -259,3 +259,15 @@ def test_plan_schedule_at_steps_and_plot(capsys, tmp_path):
 def test_plan_bad_input(capsys, args, message):
     rc, _, err = _run(capsys, "plan", *args)
     assert rc == 2 and message in err, err
+
+
+# ---------------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", ["demo", "smooth", "plan", "inspect", "export", "bench"])
+def test_help_is_plain_text(capsys, command):
+    """--help shows each command's docstring without reStructuredText markup."""
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"emakit {command}: " in out  # the docstring's first line, markup gone
+    assert "``" not in out and not re.search(r":(func|mod|class|meth|attr):`", out), out

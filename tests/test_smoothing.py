@@ -96,7 +96,7 @@ def test_debias_matches_weighted_sums(missing):
     np.testing.assert_array_equal(ewm(x, alpha=0.1, debias=True), ewm(x, alpha=0.1))
 
 
-def test_debias_false_is_the_zero_started_loop_of_seed_004():
+def test_debias_false_is_the_zero_started_hand_written_loop():
     x = _series(200, 0.0)
     acc, want = 0.0, []
     for v in x:

@@ -1,4 +1,4 @@
-"""Keep the best EMA weights by a validation metric (seed 000 §2, Keras' ``on_epoch_end``).
+"""Keep the best EMA weights by a validation metric (as a Keras ``on_epoch_end`` callback would).
 
 :class:`KeepBest` evaluates under the EMA weights, writes them to a file when the metric improves,
 and puts the training weights back before training goes on. What it writes is always built from the

@@ -6,8 +6,8 @@ sample (NaN and +-inf are missing values, as in pandas). With ``beta = 1 - alpha
 
 - ``adjust=True`` (pandas' default): ``y_t = sum_i beta^(t-i) x_i / sum_i beta^(t-i)`` over the
   observed ``i <= t`` -- the bias-corrected average (Adam's / TensorBoard's ``debias``).
-- ``adjust=False``: ``y_0 = x_0``, ``y_t = beta * y_(t-1) + alpha * x_t`` (seed 004's formula,
-  started from the first value).
+- ``adjust=False``: ``y_0 = x_0``, ``y_t = beta * y_(t-1) + alpha * x_t`` (the textbook
+  smoothing formula ``EMA(t) = (1 - alpha) * EMA(t-1) + alpha * x_t``, started from the first value).
 - ``debias=False``: the same recurrence started from zero, ``y_(-1) = 0``, *not* corrected: what a
   hand-written loop with ``ema = np.zeros_like(x)`` gives (biased towards 0 early on).
 

@@ -71,8 +71,9 @@ def _emakit_swap(model: nn.Module, decay: float) -> Update:
     return swap
 
 
-class SeedSnippet:
-    """The snippet of seed 000 (a dict of shadows, a new tensor per parameter per update)."""
+class ClassicSnippet:
+    """The classic shadow-weights snippet (``register`` / ``update`` / ``apply_shadow`` /
+    ``restore`` over a dict of shadows): its update makes a new tensor per parameter."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.model, self.decay = model, decay
@@ -85,8 +86,8 @@ class SeedSnippet:
                 self.shadow[name] = new_average.clone()
 
 
-def _seed(model: nn.Module, decay: float) -> Update:
-    return SeedSnippet(model, decay).update
+def _classic(model: nn.Module, decay: float) -> Update:
+    return ClassicSnippet(model, decay).update
 
 
 def timm_model_ema() -> Any:
@@ -161,7 +162,7 @@ CONTENDERS: dict[str, Callable[[nn.Module, float], Update]] = {
     "ema-pytorch foreach": _ema_pytorch(True),
     "diffusers": _diffusers(False),
     "diffusers foreach": _diffusers(True),
-    "seed snippet": _seed,
+    "classic snippet": _classic,
 }
 """Name -> factory. ``emakit every=4`` is timed per optimizer step (one call = one step);
 ``multi x2`` keeps two averages (decay and a 10x longer window) and is compared with the flat pass

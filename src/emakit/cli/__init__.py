@@ -8,16 +8,40 @@ with status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
 from emakit import __version__
 
-__all__ = ["CLIError", "main"]
+__all__ = ["CLIError", "main", "plain_text"]
 
 
 class CLIError(Exception):
     """A problem with the command's input that the user can fix; printed without a traceback."""
+
+
+_ROLE = re.compile(r":[a-z]+:`~?([^`<]*?)\s*(?:<[^>]*>)?`")  # :func:`x`, :mod:`~a.b`, :ref:`t <x>`
+
+
+def plain_text(doc: str) -> str:
+    """A module docstring as plain text for ``--help``: no reStructuredText markup.
+
+    ``literal`` becomes literal, and a cross-reference such as :func:`emakit.smoothing.ewm`
+    becomes its target (after ``~``, the last dotted part), so the help shows what a terminal
+    user would type or look up.
+
+    Example:
+        >>> plain_text("Uses :func:`~emakit.smoothing.ewm` and ``emakit demo``.")
+        'Uses ewm and emakit demo.'
+    """
+
+    def role(match: re.Match[str]) -> str:
+        target = match.group(1)
+        tilde = match.group(0).split("`", 1)[1].startswith("~")
+        return target.rsplit(".", 1)[-1] if tilde else target
+
+    return _ROLE.sub(role, doc).replace("``", "").strip()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in (demo, smooth, plan, inspection, export, bench):
+        before = set(sub.choices)
         module.add_parser(sub)
+        for name in set(sub.choices) - before:  # the module's docstring, as plain text
+            command = sub.choices[name]
+            command.description = plain_text(module.__doc__ or "")
+            command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
