@@ -256,7 +256,7 @@ def test_attach_with_overlap_fences_before_each_step_and_equals_the_loop(offload
     attachment.remove()
     attachment.remove()  # a second call does nothing
     ref_handle.remove()
-    assert ema._overlaps == 0 and ema._plan is None  # the next update plans without overlap
+    assert ema.attachment is None and ema._plan is None  # the next update plans without overlap
     train(model, opt, 1)
     assert ema.step == 5 and len(fenced) == 4
 
@@ -269,7 +269,7 @@ def test_attach_with_overlap_refuses_what_the_step_does_not_write_alone():
                                          r"'1.running_var', '1.num_batches_tracked'") as info:
         ema.attach(opt, overlap=True)
     assert "Policy(buffers='skip')" in str(info.value)
-    assert ema._overlaps == 0
+    assert ema.attachment is None
     head_only = torch.optim.SGD(model[2].parameters(), lr=0.1)
     ema = emakit.EMA(model, decay=0.9, policy=emakit.Policy(buffers="skip"))
     with pytest.raises(ValueError, match=r"4 may change otherwise: '0.weight', '0.bias', "

@@ -25,12 +25,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
+import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from emakit import schedules
 from emakit.backends import Backend, Plan, backend_for
@@ -45,7 +47,20 @@ FORMAT_VERSION = 1
 
 _STATE_KEYS = ("format_version", "backend", "step", "last_update_step", "num_updates",
                "decay_product", "init", "every", "decay", "policy", "actions", "shadows")
-_HALF_EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
+_UNIT_ROUNDOFF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+_STALL_GAP = 0.01  # warn when a shadow ignores weights this close to it, relatively (math.md (8))
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _locked(method: _Method) -> _Method:
+    """Run ``method`` holding the EMA's lock: threads sharing one EMA take turns."""
+
+    @functools.wraps(method)
+    def run(self: EMA, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 class LoadResult(NamedTuple):
@@ -93,12 +108,24 @@ def _int_option(name: str, value: object, minimum: int) -> int:
 
 
 class Attachment:
-    """What :meth:`EMA.attach` returns: the optimizer hooks; :meth:`remove` detaches the EMA."""
+    """What :meth:`EMA.attach` returns: the optimizer hooks; :meth:`remove` detaches the EMA.
 
-    def __init__(self, ema: EMA, handles: list[Any], overlap: bool) -> None:
+    Attributes:
+        optimizer: the optimizer whose steps update the EMA (the torch optimizer inside a
+            wrapper such as accelerate's ``AcceleratedOptimizer``).
+        overlap: whether the copy to host shadows runs alongside the next step.
+    """
+
+    def __init__(self, ema: EMA, optimizer: Any, handles: list[Any], overlap: bool) -> None:
         self._ema: EMA | None = ema
+        self.optimizer = optimizer
         self._handles = handles
-        self._overlap = overlap
+        self.overlap = overlap
+
+    @property
+    def active(self) -> bool:
+        """True until :meth:`remove`."""
+        return self._ema is not None
 
     def remove(self) -> None:
         """Stop updating after each step (a second call does nothing)."""
@@ -107,8 +134,32 @@ class Attachment:
             return
         for handle in self._handles:
             handle.remove()
-        if self._overlap:
-            ema._set_overlap(-1)
+        ema._detach(self)
+
+
+def _hookable(optimizer: Any) -> Any:
+    """The torch optimizer that takes step hooks: ``optimizer`` or the one it wraps.
+
+    Wrappers (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``) inherit
+    or forward ``register_step_post_hook`` but keep the hooks of the optimizer they wrap, whose
+    ``step()`` runs only on real optimizer steps (after gradient accumulation, not on a step
+    that the AMP grad scaler skipped). The wrapped one is found under ``.optimizer`` or
+    ``._optimizer``.
+    """
+    current = optimizer
+    for _ in range(8):
+        if callable(getattr(current, "register_step_post_hook", None)) and \
+                callable(getattr(current, "register_step_pre_hook", None)) and \
+                hasattr(current, "_optimizer_step_post_hooks"):
+            return current
+        inner = getattr(current, "optimizer", None) or getattr(current, "_optimizer", None)
+        if inner is None or inner is current:
+            break
+        current = inner
+    raise TypeError(
+        f"attach() needs a torch.optim.Optimizer (with step pre and post hooks), or a wrapper "
+        f"of one, got {type(optimizer).__name__}. Otherwise call ema.update() after each step."
+    )
 
 
 class EMA:
@@ -161,6 +212,13 @@ class EMA:
         self._every = _int_option("every", every, 1)
         if init not in ("copy", "zeros"):
             raise ValueError(f"init must be 'copy' or 'zeros', got {init!r}.")
+        if init == "zeros" and isinstance(self._schedule, schedules.Constant) and \
+                self._schedule.decay == 1.0:
+            raise ValueError(
+                "init='zeros' with decay=1 never averages anything: the shadow stays zero and "
+                "its bias correction divides by 1 - 1**t = 0. Use init='copy' to freeze the "
+                "initial weights, or a decay below 1."
+            )
         self._init: str = init
         if policy is None:
             policy = Policy()
@@ -189,6 +247,7 @@ class EMA:
                 f"the EMA tracks no tensor: the source has {len(entries)} tensors and the policy "
                 f"{policy!r} skips all of them. Loosen include/exclude."
             )
+        self._aliases = {a: n for a, n in self._source.aliases().items() if n in self._actions}
         self._avg_names = [e.name for e in avg]
         self._copy_names = [e.name for e in cpy]
         self._names = self._avg_names + self._copy_names
@@ -200,8 +259,10 @@ class EMA:
         self._allocate(avg, cpy)
         self._reset_counters(self._start)
         self._counters = self._backend.new_counters(self._avg_shadows + self._copy_shadows)
+        self._products = self._new_products()
         self._plan: Plan | None = None
-        self._overlaps = 0  # attachments with overlap=True
+        self._attachment: Attachment | None = None
+        self._lock: threading.RLock = threading.RLock()
         self._swap: list[tuple[Any, Any, bool]] | None = None
         self._stored: list[Any] | None = None
 
@@ -235,6 +296,17 @@ class EMA:
         self._copy_shadows = b.allocate([e.tensor for e in cpy],
                                         [e.tensor.dtype for e in cpy], self._device, False)
 
+    def _new_products(self) -> Any:
+        """Per-tensor decay products for bias correction, where tensors may skip updates.
+
+        With ``init="zeros"`` the average divides by ``1 - P``, ``P`` the product of the
+        decays of the updates that went into it; a tensor skipped by the non-finite guard
+        misses some, so it needs a ``P`` of its own. None where the global one serves.
+        """
+        if self._guard and self._init == "zeros":
+            return self._backend.new_counters(self._avg_shadows, product=True)
+        return None
+
     def _reset_counters(self, step: int) -> None:
         self._step = step
         self._last_update_step = step
@@ -243,15 +315,25 @@ class EMA:
         self._last_decay: float | None = None
 
     def _warn_if_stalling(self, override: Any) -> None:
+        """Warn when a half-precision shadow would round its updates away (docs/math.md (8)).
+
+        An update moves the shadow by ``(1 - d) |w - ema|``, which is lost below half an ulp,
+        ``u |ema|`` (unit roundoff ``u``): the shadow ignores weights within ``u / (1 - d)`` of
+        it, relatively. Warn when that exceeds 1% at the schedule's late decay.
+        """
         if override is None:
             return
-        eps = _HALF_EPS.get(str(override).removeprefix("torch."))
+        u = _UNIT_ROUNDOFF.get(str(override).removeprefix("torch."))
         late = self._schedule(1_000_000)
-        if eps is not None and 1.0 - late < eps:
+        if u is None or late <= 0.0:
+            return
+        ignored = u / (1.0 - late) if late < 1.0 else math.inf
+        if ignored > _STALL_GAP:
             warnings.warn(
                 f"a {override} shadow with decay {late:g} stalls: an update moves it by "
-                f"(1 - decay) = {1 - late:.2g} of the gap to the weights, below the dtype's "
-                f"resolution {eps:.2g}, so small changes are rounded away. Leave dtype unset "
+                f"(1 - decay) = {1 - late:.2g} of the gap to the weights, and a change below the "
+                f"dtype's resolution ({u:.2g} relative) is rounded away, so the shadow ignores "
+                f"weights that differ from it by less than {ignored:.0%}. Leave dtype unset "
                 "(fp32 shadow) or use a smaller decay.",
                 EMAWarning,
                 stacklevel=3,
@@ -289,6 +371,7 @@ class EMA:
         return MappingProxyType(self._actions)
 
     @property
+    @_locked
     def shadows(self) -> Mapping[str, Any]:
         """Tracked name -> raw shadow tensor (before bias correction for ``init="zeros"``)."""
         self._settle()
@@ -299,6 +382,7 @@ class EMA:
         """The tracked names, averaged ones first, in the order of the state and the files."""
         return list(self._names)
 
+    @_locked
     def source_dtypes(self) -> dict[str, str]:
         """Tracked name -> dtype name of the source's tensor (e.g. ``"bfloat16"``)."""
         b = self._backend
@@ -347,7 +431,8 @@ class EMA:
             self._validate(sources)
             plan = self._plan = self._backend.plan(self._avg_shadows, self._copy_shadows,
                                                    sources, fast=self._foreach,
-                                                   overlap=self._overlaps > 0)
+                                                   overlap=self._attachment is not None
+                                                   and self._attachment.overlap)
         return sources, plan
 
     def _validate(self, tensors: list[Any]) -> None:
@@ -371,6 +456,7 @@ class EMA:
                     "If the model was resized, create a new EMA for it."
                 )
 
+    @_locked
     def update(self, step: int | None = None) -> bool:
         """Fold the current weights into the average (call after ``optimizer.step()``).
 
@@ -384,15 +470,27 @@ class EMA:
 
         Raises:
             SwapError: while the EMA weights are swapped into the model.
-            ValueError: if ``step`` goes backwards or a source tensor changed shape.
+            ValueError: if ``step`` goes backwards or a source tensor changed shape; for a call
+                without ``step`` while the EMA is attached to an optimizer (the hook already
+                updates once per step: a second update would count the step twice).
         """
+        if step is None and self._attachment is not None:
+            raise ValueError(
+                "update() called on an EMA attached to an optimizer: the EMA already updates "
+                "after every optimizer.step(), so this call would count the step twice. Remove "
+                "the ema.update() call, or call attachment.remove() to update by hand (or pass "
+                "step=global_step: a step already averaged is then a no-op)."
+            )
+        return self._update(step)
+
+    def _update(self, step: int | None) -> bool:
         begun = self._begin(step)
         if begun is None:
             return False
         t, decay = begun
         sources, plan = self._prepare()
         if self._guard:
-            self._guarded(sources, 1.0 - decay)
+            self._guarded(sources, decay)
         else:
             plan.lerp_(sources, 1.0 - decay)
             if self._copy_shadows:
@@ -427,10 +525,11 @@ class EMA:
             )
         return t, decay
 
-    def _guarded(self, sources: list[Any], weight: float) -> None:
+    def _guarded(self, sources: list[Any], decay: float) -> None:
         self._settle()
         n = len(self._avg_shadows)
-        self._backend.guarded_update_(self._avg_shadows, sources[:n], weight, self._counters[:n])
+        self._backend.guarded_update_(self._avg_shadows, sources[:n], decay, self._counters[:n],
+                                      self._products)
         self._backend.guarded_update_(self._copy_shadows, sources[n:], None, self._counters[n:])
 
     def _finish(self, t: int, decay: float) -> None:
@@ -461,24 +560,34 @@ class EMA:
             ValueError: for ``overlap=True`` when a tracked tensor may be written by something
                 other than this optimizer's step.
         """
-        post = getattr(optimizer, "register_step_post_hook", None)
-        pre = getattr(optimizer, "register_step_pre_hook", None)
-        if post is None or pre is None:
-            raise TypeError(
-                f"attach() needs a torch.optim.Optimizer (with step pre and post hooks), got "
-                f"{type(optimizer).__name__}. Otherwise call ema.update() after each step."
-            )
-        if overlap:
-            self._check_overlap(optimizer)
+        target = _hookable(optimizer)
+        with self._lock:
+            current = self._attachment
+            if current is not None:
+                again = current.optimizer is target
+                raise ValueError(
+                    ("attach() called twice on the same optimizer: each step would update the "
+                     "EMA twice. Keep the first attachment" if again else
+                     "attach() called while the EMA is attached to another optimizer: a "
+                     "training step that steps both would update the EMA twice. For several "
+                     "optimizers that step together, call ema.update() once after all of them")
+                    + " (or remove it first: attachment.remove())."
+                )
+            if overlap:
+                self._check_overlap(target)
 
-        def after_step(opt: Any, args: Any, kwargs: Any) -> None:
-            self.update()
+            def after_step(opt: Any, args: Any, kwargs: Any) -> None:
+                with self._lock:
+                    self._update(None)
 
-        handles = [post(after_step)]
-        if overlap:
-            handles.append(pre(lambda opt, args, kwargs: self._fence()))
-            self._set_overlap(+1)
-        return Attachment(self, handles, overlap)
+            handles = [target.register_step_post_hook(after_step)]
+            if overlap:
+                handles.append(target.register_step_pre_hook(
+                    lambda opt, args, kwargs: self._fence()))
+            attachment = self._attachment = Attachment(self, target, handles, overlap)
+            if overlap:
+                self._replan()
+            return attachment
 
     def _check_overlap(self, optimizer: Any) -> None:
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -494,30 +603,73 @@ class EMA:
                 "emakit.Policy(buffers='skip') or exclude=..., or attach without overlap."
             )
 
-    def _set_overlap(self, change: int) -> None:
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock every method holds, so threads sharing this EMA take turns.
+
+        Hold it to make several calls one step for other threads, e.g. to copy a consistent
+        state while another thread trains: ``with ema.lock: sd = copy.deepcopy(ema.state_dict())``
+        (``state_dict()`` returns the live shadows, which the next update changes).
+        """
+        return self._lock
+
+    @property
+    def attachment(self) -> Attachment | None:
+        """The active :meth:`attach` (None when the EMA is updated by hand)."""
+        return self._attachment
+
+    def _detach(self, attachment: Attachment) -> None:
+        with self._lock:
+            if self._attachment is attachment:
+                self._attachment = None
+                if attachment.overlap:
+                    self._replan()
+
+    def _replan(self) -> None:
         self._settle()  # a settled update has read its sources: nothing is left to fence
-        self._overlaps += change
         self._plan = None  # the next update plans with the new mode
 
     def _fence(self) -> None:
         if self._plan is not None:
             self._plan.fence()
 
+    @_locked
     def nonfinite_skips(self) -> dict[str, int]:
         """Name -> how many updates skipped that tensor because it held NaN/Inf (guard only)."""
         self._settle()
         return dict(zip(self._names, self._backend.counts(self._counters)))
 
     # ---------------------------------------------------------------------- using the average
-    def _divisor(self) -> float | None:
-        if self._init != "zeros" or self._decay_product == 0.0:
+    def _divisors(self) -> float | list[float] | None:
+        """What the averaged shadows are divided by on reading (bias correction), or None."""
+        if self._init != "zeros":
             return None
         if self._num_updates == 0:
             raise SwapError(
                 "an EMA with init='zeros' has no average before its first update (it would be "
                 "all zeros). Call update() first."
             )
-        return 1.0 - self._decay_product
+        if self._products is None:
+            if self._decay_product == 0.0:
+                return None
+            if self._decay_product >= 1.0:
+                raise SwapError(
+                    "an EMA with init='zeros' has no average yet: every update so far applied "
+                    "decay 1, which folds nothing in (the correction would divide by zero)."
+                )
+            return 1.0 - self._decay_product
+        products = self._backend.counts(self._products)
+        empty = [n for n, p in zip(self._avg_names, products) if p >= 1.0]
+        if empty:
+            shown = ", ".join(repr(n) for n in empty[:5]) + (", ..." if len(empty) > 5 else "")
+            raise SwapError(
+                f"an EMA with init='zeros' has no average yet for {len(empty)} tensor(s): "
+                f"{shown}. Every update so far skipped them (non-finite values, "
+                "skip_nonfinite=True) or applied decay 1. Update with finite weights first."
+            )
+        if not any(products):
+            return None
+        return [1.0 - p for p in products]
 
     def _settle(self) -> None:
         """Wait until every update so far has reached the shadows (offloaded ones finish on a
@@ -527,12 +679,13 @@ class EMA:
 
     def _values(self) -> list[Any]:
         self._settle()
-        divisor = self._divisor()
+        divisors = self._divisors()
         avg = self._avg_shadows
-        if divisor is not None:
-            avg = self._backend.scaled(avg, divisor)
+        if divisors is not None:
+            avg = self._backend.scaled(avg, divisors)
         return avg + self._copy_shadows
 
+    @_locked
     def averaged(self) -> dict[str, Any]:
         """Name -> the averaged weights (bias-corrected for ``init="zeros"``).
 
@@ -541,6 +694,7 @@ class EMA:
         """
         return dict(zip(self._names, self._values()))
 
+    @_locked
     def model_state_dict(self, *, device: Any = None) -> dict[str, Any]:
         """The source's whole state dict with the averaged weights in place of the tracked ones.
 
@@ -569,6 +723,8 @@ class EMA:
         b = self._backend
         state = self._source.state()
         averaged = dict(zip(self._names, self._values()))
+        for alias, name in self._aliases.items():
+            averaged[alias] = averaged[name]  # a tied weight carries the average under every name
         for name, value in state.items():
             avg = averaged.get(name)
             if avg is not None:
@@ -589,6 +745,7 @@ class EMA:
                 "call restore()) first."
             )
 
+    @_locked
     def apply_shadow(self) -> None:
         """Put the EMA weights into the source; :meth:`restore` brings the training weights back.
 
@@ -628,6 +785,7 @@ class EMA:
             if ptr:
                 b.repoint(target, old)
 
+    @_locked
     def restore(self) -> None:
         """Bring back the training weights after :meth:`apply_shadow` or :meth:`store`."""
         if self._swap is not None:
@@ -667,12 +825,14 @@ class EMA:
         finally:
             self.restore()
 
+    @_locked
     def store(self) -> None:
         """Back up the current source weights (torch-ema's verb); :meth:`restore` puts them back."""
         self._check_not_swapped("store() called")
         b = self._backend
         self._stored = [b.clone(t) for t in self._source.fetch(self._names)]
 
+    @_locked
     def copy_to(self, target: Any = None, *, strict: bool = True) -> list[str]:
         """Write the averaged weights into ``target`` (default: the source), matched by name.
 
@@ -710,9 +870,19 @@ class EMA:
                     f"copy_to(): target tensor {name!r} is {shape}, the average is "
                     f"{b.info(values[name]).shape}; nothing was copied."
                 )
-        b.copy_(tensors, [values[n] for n in names])
+        chosen = [values[n] for n in names]
+        bad = [n for n, ok in zip(names, b.finite(chosen)) if not ok]
+        if bad:
+            shown = ", ".join(repr(n) for n in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            raise ValueError(
+                f"copy_to(): the average of {len(bad)} tensor(s) holds NaN or Inf ({shown}); "
+                "nothing was copied, so the target keeps its weights. A non-finite weight got "
+                "into the average: use skip_nonfinite=True to keep such steps out of it."
+            )
+        b.copy_(tensors, chosen)
         return missing
 
+    @_locked
     def register(self) -> None:
         """Restart the average from the current weights (the seed snippet's first verb).
 
@@ -734,6 +904,7 @@ class EMA:
         b.copy_(self._copy_shadows, cpy)
         self._reset_counters(self._step)
         self._counters = b.new_counters(self._avg_shadows + self._copy_shadows)
+        self._products = self._new_products()
 
     # -------------------------------------------------------------------------------- state
     @classmethod
@@ -786,6 +957,7 @@ class EMA:
         return ema_from_checkpoint(cls, source, path, names=names, strict=strict,
                                    options=options)
 
+    @_locked
     def _adopt(self, weights: Mapping[str, Any], num_updates: int) -> None:
         """Copy averaged ``weights`` (by tracked name, cast to the shadows' dtype) in."""
         self._settle()
@@ -803,12 +975,15 @@ class EMA:
         b.copy_([mine[n] for n in native], list(native.values()))
         self._num_updates = num_updates
 
+    @_locked
     def state_dict(self) -> dict[str, Any]:
         """Everything that shapes future updates, with a ``format_version``.
 
         The tensors are the shadows themselves (no copy), as with ``nn.Module.state_dict``;
         the rest is plain Python, so ``torch.save`` / ``torch.load(weights_only=True)`` and JSON
-        (for the non-tensor part) work.
+        (for the non-tensor part) work. Besides the counters, settings and shadows it records
+        the source's dtypes (``source_dtypes``, so an export can cast back to the model's
+        dtypes) and the second names of tied weights (``aliases``).
 
         Raises:
             SwapError: while the EMA weights are swapped into the model. A training checkpoint
@@ -839,11 +1014,17 @@ class EMA:
             "policy": self._policy.to_dict(),
             "actions": dict(self._actions),
             "shadows": dict(zip(self._names, self._avg_shadows + self._copy_shadows)),
+            "source_dtypes": self.source_dtypes(),
+            "aliases": dict(self._aliases),
         }
         if self._guard:
             state["nonfinite_skips"] = self.nonfinite_skips()
+        if self._products is not None:
+            state["decay_products"] = dict(zip(self._avg_names,
+                                               self._backend.counts(self._products)))
         return state
 
+    @_locked
     def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> LoadResult:
         """Load a :meth:`state_dict`; validate everything first, change nothing on error.
 
@@ -860,17 +1041,17 @@ class EMA:
             A :class:`LoadResult`.
 
         Raises:
-            StateDictError: wrong format, missing/unexpected names (strict), shape or dtype
-                mismatches (always). Nothing is loaded.
+            StateDictError: wrong format, a malformed entry, missing/unexpected names (strict),
+                shape or dtype mismatches (always). Nothing is loaded.
         """
         self._check_not_swapped("load_state_dict() called")
-        return self._apply_state(state, self._checked_state(state, strict))
+        return self._apply_state(self._checked_state(state, strict))
 
-    def _checked_state(self, state: Mapping[str, Any], strict: bool) -> tuple[Any, ...]:
-        """Everything :meth:`load_state_dict` checks, without changing anything."""
-        counters, shadows = self._check_state(state)
-        saved = set(shadows)
-        missing = [n for n in self._names if n not in saved]
+    def _checked_state(self, state: Mapping[str, Any], strict: bool) -> _CheckedState:
+        """Everything :meth:`load_state_dict` checks and converts, without changing anything."""
+        checked = self._check_state(state)
+        shadows = checked.shadows
+        missing = [n for n in self._names if n not in shadows]
         unexpected = [n for n in shadows if n not in self._actions]
         mismatched = []
         b = self._backend
@@ -888,25 +1069,38 @@ class EMA:
                 unexpected=unexpected if strict else (), mismatched=mismatched,
                 fix="Build the EMA over the same model and dtype, or pass strict=False to load "
                     "the common names (shape/dtype mismatches always fail).")
-        return counters, shadows, missing, unexpected
+        products = checked.products
+        if products is not None and not (self._guard and checked.init == "zeros") and any(
+                products.get(n, checked.decay_product) != checked.decay_product
+                for n in self._avg_names):
+            raise StateDictError(
+                "the state holds per-tensor bias corrections (decay_products) of an EMA whose "
+                "guard skipped some tensors",
+                fix="Create the EMA with skip_nonfinite=True to load it.")
+        return checked._replace(missing=tuple(missing), unexpected=tuple(unexpected),
+                                changed=self._changed_settings(state))
 
-    def _apply_state(self, state: Mapping[str, Any], checked: tuple[Any, ...]) -> LoadResult:
-        counters, shadows, missing, unexpected = checked
+    def _apply_state(self, checked: _CheckedState) -> LoadResult:
+        """Load what :meth:`_checked_state` accepted (nothing here can fail on the input)."""
         self._settle()
         b = self._backend
         mine = dict(zip(self._names, self._avg_shadows + self._copy_shadows))
-        changed = self._changed_settings(state)
-        names = [n for n in self._names if n in shadows]
-        b.copy_([mine[n] for n in names], [shadows[n] for n in names])
-        (self._step, self._last_update_step, self._num_updates, self._decay_product,
-         self._init) = counters
+        names = [n for n in self._names if n in checked.shadows]
+        b.copy_([mine[n] for n in names], [checked.shadows[n] for n in names])
+        self._step, self._last_update_step = checked.step, checked.last_update_step
+        self._num_updates, self._decay_product = checked.num_updates, checked.decay_product
+        self._init = checked.init
         self._last_decay = None
-        skips = state.get("nonfinite_skips") or {}
         self._counters = b.new_counters(self._avg_shadows + self._copy_shadows)
-        if skips:
-            for i, name in enumerate(self._names):
-                if skips.get(name):
-                    self._counters[i] += int(skips[name])
+        for i, name in enumerate(self._names):
+            if checked.skips.get(name):
+                self._counters[i] += checked.skips[name]
+        self._products = self._new_products()
+        if self._products is not None:
+            saved = checked.products or {}
+            for i, name in enumerate(self._avg_names):
+                self._products[i] *= saved.get(name, checked.decay_product)
+        changed = dict(checked.changed)
         if changed:
             details = "; ".join(f"{k}: saved {v[0]!r}, current {v[1]!r}"
                                 for k, v in changed.items())
@@ -916,18 +1110,17 @@ class EMA:
                 EMAWarning,
                 stacklevel=3,
             )
-        return LoadResult(missing, unexpected, changed)
+        return LoadResult(list(checked.missing), list(checked.unexpected), changed)
 
-    def _check_state(self, state: object) -> tuple[tuple[int, int, int, float, str],
-                                                   dict[str, Any]]:
+    def _check_state(self, state: object) -> _CheckedState:
         if not isinstance(state, Mapping):
             raise StateDictError(f"state must be a dict from EMA.state_dict(), got "
                                  f"{type(state).__name__}")
         version = state.get("format_version")
-        if version != FORMAT_VERSION:
-            newer = isinstance(version, int) and version > FORMAT_VERSION
+        if type(version) is not int or version != FORMAT_VERSION:
+            newer = type(version) is int and version > FORMAT_VERSION
             raise StateDictError(
-                f"unknown format_version {version!r}; this emakit reads format_version "
+                f"unknown format_version {_short(version)}; this emakit reads format_version "
                 f"{FORMAT_VERSION}",
                 fix="Upgrade emakit to read it." if newer else
                     "Is this an emakit EMA state_dict()?")
@@ -935,45 +1128,107 @@ class EMA:
         if absent:
             raise StateDictError(f"the state lacks the keys {absent}",
                                  fix="Is this an emakit EMA state_dict()?")
-        ints = []
-        for key in ("step", "last_update_step", "num_updates"):
-            value = state[key]
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise StateDictError(f"state[{key!r}] must be an int >= 0, got {value!r}")
-            ints.append(int(value))
-        step, last, updates = ints
+        step, last, updates = (_state_int(state, k) for k in
+                               ("step", "last_update_step", "num_updates"))
+        every = _state_int(state, "every")
+        if every < 1:
+            raise StateDictError(f"state['every'] must be an int >= 1, got {every}")
         if last > step:
             raise StateDictError(f"state['last_update_step']={last} is after state['step']="
                                  f"{step}")
-        product = state["decay_product"]
-        if not isinstance(product, numbers.Real) or not 0.0 <= float(product) <= 1.0 or \
-                math.isnan(float(product)):
-            raise StateDictError(f"state['decay_product'] must be in [0, 1], got {product!r}")
+        product = _state_fraction(state["decay_product"], "state['decay_product']")
         init = state["init"]
         if init not in ("copy", "zeros"):
-            raise StateDictError(f"state['init'] must be 'copy' or 'zeros', got {init!r}")
-        raw = state["shadows"]
-        if not isinstance(raw, Mapping):
-            raise StateDictError("state['shadows'] must map names to tensors, got "
-                                 f"{type(raw).__name__}")
+            raise StateDictError(f"state['init'] must be 'copy' or 'zeros', got {_short(init)}")
+        for key in ("decay", "policy", "actions"):
+            if not isinstance(state[key], Mapping):
+                raise StateDictError(f"state[{key!r}] must be a dict, got "
+                                     f"{type(state[key]).__name__}")
+        bad_actions = [n for n, a in state["actions"].items() if a not in ("average", "copy")]
+        if bad_actions:
+            raise StateDictError(f"state['actions'] must map names to 'average' or 'copy'; "
+                                 f"{_short(bad_actions[0])} -> "
+                                 f"{_short(state['actions'][bad_actions[0]])}")
+        raw = _state_mapping(state, "shadows")
         shadows = {}
         for name, tensor in raw.items():
             try:
                 shadows[name] = self._backend.as_native(tensor, f"state['shadows'][{name!r}]")
-            except TypeError as exc:
+            except (TypeError, RuntimeError, NotImplementedError) as exc:
                 raise StateDictError(str(exc)) from None
-        return (step, last, updates, float(product), str(init)), shadows
+        skips = {name: _state_int(raw_skips, name, "state['nonfinite_skips']")
+                 for raw_skips in [_state_mapping(state, "nonfinite_skips", optional=True)]
+                 for name in raw_skips}
+        raw_products = _state_mapping(state, "decay_products", optional=True)
+        products = {name: _state_fraction(v, f"state['decay_products'][{name!r}]")
+                    for name, v in raw_products.items()} if "decay_products" in state else None
+        for key in ("source_dtypes", "aliases"):  # informational; checked for shape only
+            for name, value in _state_mapping(state, key, optional=True).items():
+                if not isinstance(value, str):
+                    raise StateDictError(f"state[{key!r}][{name!r}] must be a str, got "
+                                         f"{_short(value)}")
+        return _CheckedState(step, last, updates, product, str(init), shadows, skips, products)
 
     def _changed_settings(self, state: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
         changed: dict[str, tuple[Any, Any]] = {}
-        if state["decay"] != self._schedule.to_dict():
-            changed["decay"] = (state["decay"], self._schedule.to_dict())
+        if dict(state["decay"]) != self._schedule.to_dict():
+            changed["decay"] = (dict(state["decay"]), self._schedule.to_dict())
         if state["every"] != self._every:
             changed["every"] = (state["every"], self._every)
-        saved_actions = state["actions"]
-        if isinstance(saved_actions, Mapping):
-            diff = {n: a for n, a in saved_actions.items()
-                    if n in self._actions and self._actions[n] != a}
-            if diff:
-                changed["actions"] = (diff, {n: self._actions[n] for n in diff})
+        diff = {n: a for n, a in state["actions"].items()
+                if n in self._actions and self._actions[n] != a}
+        if diff:
+            changed["actions"] = (diff, {n: self._actions[n] for n in diff})
         return changed
+
+
+class _CheckedState(NamedTuple):
+    """A state that passed every check of :meth:`EMA.load_state_dict`, in native tensors."""
+
+    step: int
+    last_update_step: int
+    num_updates: int
+    decay_product: float
+    init: str
+    shadows: dict[str, Any]
+    skips: dict[str, int]
+    products: dict[str, float] | None
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    changed: Mapping[str, tuple[Any, Any]] = MappingProxyType({})
+
+
+_MAX_COUNT = 2 ** 63 - 1  # counters are int64 on the device
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a state may hold anything)."""
+    text = repr(value) if not hasattr(value, "shape") else f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _state_int(state: Mapping[str, Any], key: str, where: str = "state") -> int:
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
+            not 0 <= int(value) <= _MAX_COUNT:
+        raise StateDictError(f"{where}[{key!r}] must be an int in [0, 2**63), got "
+                             f"{_short(value)}")
+    return int(value)
+
+
+def _state_fraction(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not 0.0 <= float(value) <= 1.0:
+        raise StateDictError(f"{where} must be a number in [0, 1], got {_short(value)}")
+    return float(value)
+
+
+def _state_mapping(state: Mapping[str, Any], key: str, *, optional: bool = False
+                   ) -> Mapping[str, Any]:
+    value = state.get(key)
+    if value is None and optional:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise StateDictError(f"state[{key!r}] must map names (str) to values, got "
+                             f"{type(value).__name__}")
+    return value

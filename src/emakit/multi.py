@@ -15,6 +15,7 @@ which moves ``4 + 8 N`` bytes per fp32 parameter instead of ``12 N``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -113,6 +114,12 @@ class MultiEMA:
             ValueError: if an average was updated on its own and the steps no longer agree, or as
                 :meth:`emakit.EMA.update`.
         """
+        with contextlib.ExitStack() as held:
+            for m in self._members:
+                held.enter_context(m.lock)
+            return self._update(step)
+
+    def _update(self, step: int | None) -> bool:
         members = self._members
         steps = {m.step for m in members}
         if len(steps) > 1:
@@ -129,8 +136,8 @@ class MultiEMA:
         plans = [first] + [m._prepare(sources)[1] for m in members[1:]]
         weights = [1.0 - decay for _, decay in begun]
         if members[0]._guard:
-            for m, w in zip(members, weights):
-                m._guarded(sources, w)
+            for m, (_, decay) in zip(members, begun):
+                m._guarded(sources, decay)
         else:
             shared = self._shared_read(plans)
             if shared is not None:
@@ -191,4 +198,4 @@ class MultiEMA:
                 checked.append(m._checked_state(s, strict))
             except StateDictError as exc:
                 raise exc.located(f"average {k}") from None
-        return [m._apply_state(s, c) for m, s, c in zip(self._members, members, checked)]
+        return [m._apply_state(c) for m, c in zip(self._members, checked)]

@@ -43,6 +43,23 @@ class Source(Protocol):
     def fetch(self, names: Sequence[str]) -> list[Any]:
         """The current tensors called ``names``, in that order."""
 
+    def aliases(self) -> dict[str, str]:
+        """Second names of shared tensors (tied weights): ``alias -> the entry's name``.
+
+        A tensor reachable under several names (an embedding tied to the output head) is one
+        entry, under the first name; its other names are aliases, filled from that entry
+        wherever the source's full state is written (valid after :meth:`entries`).
+        """
+
+
+def _first_name(first: dict[int, str], aliases: dict[str, str], name: str, tensor: Any) -> bool:
+    """True the first time ``tensor`` (the same object) is seen; else record ``name`` as alias."""
+    seen = first.setdefault(id(tensor), name)
+    if seen != name:
+        aliases[name] = seen
+        return False
+    return True
+
 
 def _missing(name: str, kind: str) -> ValueError:
     return ValueError(
@@ -68,21 +85,29 @@ class ModuleSource:
         self._edge_keys: list[str] = []
         self._edge_children: list[Any] = []
         self._slots: tuple[Sequence[str], list[dict[str, Any]], list[str]] | None = None
+        self._aliases: dict[str, str] = {}
 
     def entries(self) -> list[Entry]:
         out: list[Entry] = []
         buffers: set[str] = set()
-        for name, p in self.module.named_parameters():
-            out.append(Entry(name, p, False, bool(p.requires_grad)))
-        for name, b in self.module.named_buffers():
+        first: dict[int, str] = {}
+        self._aliases = {}
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            if _first_name(first, self._aliases, name, p):
+                out.append(Entry(name, p, False, bool(p.requires_grad)))
+        for name, b in self.module.named_buffers(remove_duplicate=False):
             owner, key = self._split(name)
             if key in getattr(owner, "_non_persistent_buffers_set", ()):
                 continue  # not model state (masks, caches): never part of the average
-            buffers.add(name)
-            out.append(Entry(name, b, True, False))
+            if _first_name(first, self._aliases, name, b):
+                buffers.add(name)
+                out.append(Entry(name, b, True, False))
         self._where = {e.name: (None, "", e.name in buffers) for e in out}
         self._resolve()
         return out
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
 
     def state(self) -> dict[str, Any]:
         return dict(self.module.state_dict())
@@ -143,12 +168,18 @@ class MappingSource:
                     f"{type(key).__name__}. Example: EMA({{'w': w, 'b': b}})."
                 )
         self.mapping = mapping
+        self._aliases: dict[str, str] = {}
 
     def entries(self) -> list[Entry]:
+        first: dict[int, str] = {}
+        self._aliases = {}
         return [
             Entry(name, t, False, bool(getattr(t, "requires_grad", True)))
-            for name, t in self.mapping.items()
+            for name, t in self.mapping.items() if _first_name(first, self._aliases, name, t)
         ]
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
 
     def state(self) -> dict[str, Any]:
         return dict(self.mapping)
@@ -161,13 +192,23 @@ class MappingSource:
             raise _missing(str(exc.args[0]), self.kind) from None
 
 
+def _brief(item: object) -> str:
+    """What ``item`` is, without printing a whole tensor."""
+    shape = getattr(item, "shape", None)
+    if shape is not None:
+        return f"a {type(item).__name__} of shape {tuple(shape)}"
+    text = repr(item)
+    return text if len(text) <= 80 else f"a {type(item).__name__}"
+
+
 def _pairs(items: Iterable[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
             raise TypeError(
-                f"a source given as pairs must yield (name, tensor) tuples, got {item!r}. "
-                "Example: EMA(model.named_parameters())."
+                f"a source given as pairs must yield (name, tensor) tuples, got {_brief(item)}. "
+                "Tensors are matched by name, never by position: pass the model itself "
+                "(EMA(model)), a dict, or EMA(model.named_parameters())."
             )
         if item[0] in out:
             raise ValueError(f"the name {item[0]!r} appears twice in the source pairs; names "

@@ -101,19 +101,26 @@ class Backend(Protocol):
     def copy_(self, dsts: Sequence[Any], srcs: Sequence[Any]) -> None:
         """In place ``dsts[i] <- srcs[i]``, casting dtype and moving device as needed."""
 
-    def new_counters(self, shadows: Sequence[Any]) -> Any:
-        """Zeroed skip counters, one per shadow."""
+    def new_counters(self, shadows: Sequence[Any], *, product: bool = False) -> Any:
+        """Per-shadow numbers next to the shadows: zeroed int64 skip counters, or float64 ones
+        (``product=True``) for per-tensor decay products. ``counters[i] += v`` (``*= v``)
+        changes entry i."""
 
-    def guarded_update_(self, shadows: Sequence[Any], sources: Sequence[Any], weight: float | None,
-                        counters: Any) -> None:
-        """Lerp (or copy when ``weight is None``) only the sources that are all finite, counting
-        the skipped ones in ``counters``; no host/device sync."""
+    def guarded_update_(self, shadows: Sequence[Any], sources: Sequence[Any], decay: float | None,
+                        counters: Any, products: Any = None) -> None:
+        """Lerp with weight ``1 - decay`` (or copy when ``decay is None``) where the result is
+        all finite; leave the other shadows as they were and count them in ``counters``; where
+        ``products`` is given, multiply ``products[i]`` by ``decay`` for each shadow updated.
+        No host/device sync."""
 
-    def counts(self, counters: Any) -> list[int]:
-        """The counter values as Python ints (may synchronise)."""
+    def counts(self, counters: Any) -> list[Any]:
+        """The values of :meth:`new_counters` as Python numbers (may synchronise)."""
 
-    def scaled(self, xs: Sequence[Any], divisor: float) -> list[Any]:
-        """New arrays ``xs[i] / divisor`` in the dtype of ``xs[i]``."""
+    def finite(self, xs: Sequence[Any]) -> list[bool]:
+        """Whether each array holds only finite values (may synchronise)."""
+
+    def scaled(self, xs: Sequence[Any], divisor: float | Sequence[float]) -> list[Any]:
+        """New arrays ``xs[i] / divisor`` (or ``/ divisor[i]``) in the dtype of ``xs[i]``."""
 
     def clone(self, x: Any, device: object = None) -> Any:
         """A copy of ``x`` (on ``device`` when given)."""

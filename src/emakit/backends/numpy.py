@@ -157,7 +157,10 @@ class NumpyBackend:
         return TensorInfo(tuple(a.shape), a.dtype.name, "cpu", a.dtype.kind in "fc")
 
     def resolve_dtype(self, spec: object) -> Any:
-        text = str(spec).removeprefix("torch.") if not isinstance(spec, np.dtype) else spec
+        text: Any = spec  # a numpy dtype, or its scalar type (np.float32)
+        if not (isinstance(spec, np.dtype) or (isinstance(spec, type) and
+                                               issubclass(spec, np.generic))):
+            text = str(spec).removeprefix("torch.")
         try:
             dtype = np.dtype(text)
         except TypeError:
@@ -207,26 +210,42 @@ class NumpyBackend:
         for d, s in zip(dsts, srcs):
             np.copyto(d, s, casting="unsafe")
 
-    def new_counters(self, shadows: Sequence[Any]) -> Any:
+    def new_counters(self, shadows: Sequence[Any], *, product: bool = False) -> Any:
+        if product:
+            return np.ones(len(shadows), dtype=np.float64)
         return np.zeros(len(shadows), dtype=np.int64)
 
     def guarded_update_(self, shadows: Sequence[Any], sources: Sequence[Any],
-                        weight: float | None, counters: Any) -> None:
+                        decay: float | None, counters: Any, products: Any = None) -> None:
         for i, (shadow, src) in enumerate(zip(shadows, sources)):
             a = np.asarray(src)
-            if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            if a.dtype.kind not in "fc":
+                np.copyto(shadow, a, casting="unsafe")
+                continue
+            # convert first: a finite float64 source may overflow a float32 shadow, and the
+            # lerp itself may overflow; either makes the result non-finite, which is skipped
+            with np.errstate(over="ignore", invalid="ignore"):
+                new = a.astype(shadow.dtype).reshape(-1)
+                if decay is not None:
+                    end, new = new, shadow.reshape(-1).copy()
+                    lerp_into(new, end, 1.0 - decay)
+            if not np.isfinite(new).all():
                 counters[i] += 1
                 continue
-            if weight is None:
-                np.copyto(shadow, a, casting="unsafe")
-            else:
-                lerp_into(_flat(shadow), a.astype(shadow.dtype, copy=False).reshape(-1), weight)
+            shadow[...] = new.reshape(shadow.shape)
+            if products is not None and decay is not None:
+                products[i] *= decay
 
-    def counts(self, counters: Any) -> list[int]:
-        return [int(c) for c in counters]
+    def counts(self, counters: Any) -> list[Any]:
+        return [c.item() for c in counters]
 
-    def scaled(self, xs: Sequence[Any], divisor: float) -> list[Any]:
-        return [x / x.dtype.type(divisor) for x in xs]
+    def finite(self, xs: Sequence[Any]) -> list[bool]:
+        return [bool(np.isfinite(x).all()) if np.asarray(x).dtype.kind in "fc" else True
+                for x in xs]
+
+    def scaled(self, xs: Sequence[Any], divisor: float | Sequence[float]) -> list[Any]:
+        divisors = [divisor] * len(xs) if isinstance(divisor, float) else list(divisor)
+        return [x / x.dtype.type(d) for x, d in zip(xs, divisors)]
 
     def clone(self, x: Any, device: object = None) -> Any:
         return np.array(x, copy=True)
@@ -242,9 +261,13 @@ class NumpyBackend:
 
     def as_native(self, x: object, name: str) -> Any:
         if isinstance(x, np.ndarray):
+            if x.dtype.kind not in "biufc":
+                raise TypeError(f"{name} must hold numbers, got a numpy array of {x.dtype}.")
             return x
         torch_mod = sys.modules.get("torch")
         if torch_mod is not None and isinstance(x, torch_mod.Tensor):
+            if x.layout != torch_mod.strided or x.device.type == "meta" or x.is_quantized:
+                raise TypeError(f"{name} is not a dense tensor that holds its values.")
             t = x.detach().cpu()
             if t.dtype == torch_mod.bfloat16:
                 raise TypeError(f"{name}: a bfloat16 tensor has no numpy dtype; cast it first.")

@@ -499,6 +499,18 @@ def _groups(shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) ->
     return list(keys.values())
 
 
+def _to_host(scalars: list[torch.Tensor]) -> list[Any]:
+    """Python numbers from 0-dim tensors: one transfer per device, not one per tensor."""
+    out: list[Any] = [None] * len(scalars)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, x in enumerate(scalars):
+        by_device.setdefault(x.device, []).append(i)
+    for index in by_device.values():
+        for i, value in zip(index, torch.stack([scalars[i] for i in index]).tolist()):
+            out[i] = value
+    return out
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -519,6 +531,8 @@ class TorchBackend:
         if isinstance(spec, torch.dtype):
             dtype = spec
         else:
+            if isinstance(spec, type) and issubclass(spec, np.generic):
+                spec = np.dtype(spec)  # np.float32, the type object
             name = spec.name if isinstance(spec, np.dtype) else str(spec).removeprefix("torch.")
             found = getattr(torch, name, None)
             if not isinstance(found, torch.dtype):
@@ -596,31 +610,41 @@ class TorchBackend:
         with torch.no_grad():
             torch._foreach_copy_(list(dsts), list(srcs))
 
-    def new_counters(self, shadows: Sequence[Any]) -> Any:
+    def new_counters(self, shadows: Sequence[Any], *, product: bool = False) -> Any:
+        if product:
+            return [torch.ones((), dtype=torch.float64, device=s.device) for s in shadows]
         return [torch.zeros((), dtype=torch.int64, device=s.device) for s in shadows]
 
     def guarded_update_(self, shadows: Sequence[Any], sources: Sequence[Any],
-                        weight: float | None, counters: Any) -> None:
+                        decay: float | None, counters: Any, products: Any = None) -> None:
         with torch.no_grad():
-            for shadow, src, count in zip(shadows, sources, counters):
+            for i, (shadow, src) in enumerate(zip(shadows, sources)):
                 value = src.to(device=shadow.device, dtype=shadow.dtype)
                 if not (src.is_floating_point() or src.is_complex()):
                     shadow.copy_(value)
                     continue
-                ok = torch.isfinite(value).all()
-                clean = torch.where(ok, value, shadow)
-                if weight is None:
-                    shadow.copy_(clean)
-                else:
-                    shadow.lerp_(clean, weight)
-                count.add_(ok.logical_not().to(count.device))
+                # NaN/Inf in the source, or a finite source that overflows the shadow's dtype
+                # (or the lerp), makes the result non-finite: keep the shadow then
+                new = value if decay is None else torch.lerp(shadow, value, 1.0 - decay)
+                ok = torch.isfinite(new).all()
+                shadow.copy_(torch.where(ok, new, shadow))
+                counters[i].add_(ok.logical_not().to(counters[i].device))
+                if products is not None and decay is not None:
+                    product = products[i]  # float64: multiply in float64, not in a float32 temp
+                    product.copy_(torch.where(ok.to(product.device), product * decay, product))
 
-    def counts(self, counters: Any) -> list[int]:
-        return [int(c.item()) for c in counters]
+    def counts(self, counters: Any) -> list[Any]:
+        return _to_host(list(counters))
 
-    def scaled(self, xs: Sequence[Any], divisor: float) -> list[Any]:
+    def finite(self, xs: Sequence[Any]) -> list[bool]:
+        flags = [torch.isfinite(x).all() if x.is_floating_point() or x.is_complex()
+                 else torch.ones((), dtype=torch.bool, device=x.device) for x in xs]
+        return [bool(f) for f in _to_host(flags)]
+
+    def scaled(self, xs: Sequence[Any], divisor: float | Sequence[float]) -> list[Any]:
         with torch.no_grad():
-            return list(torch._foreach_div(list(xs), divisor))
+            scalars = divisor if isinstance(divisor, float) else list(divisor)
+            return list(torch._foreach_div(list(xs), scalars))
 
     def clone(self, x: Any, device: object = None) -> Any:
         with torch.no_grad():
@@ -643,11 +667,18 @@ class TorchBackend:
         return previous
 
     def as_native(self, x: object, name: str) -> Any:
-        if isinstance(x, torch.Tensor):
-            return x
         if isinstance(x, np.ndarray):
+            if x.dtype.kind not in "biufc":
+                raise TypeError(f"{name} must hold numbers, got a numpy array of {x.dtype}.")
             return torch.from_numpy(x)
-        raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}.")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}.")
+        if x.layout != torch.strided or x.device.type == "meta" or x.is_quantized:
+            what = "meta" if x.device.type == "meta" else \
+                "quantized" if x.is_quantized else str(x.layout).removeprefix("torch.")
+            raise TypeError(f"{name} is a {what} tensor; a shadow must be a dense tensor that "
+                            "holds its values.")
+        return x
 
 
 BACKEND = TorchBackend()
