@@ -884,7 +884,7 @@ class EMA:
 
     @_locked
     def register(self) -> None:
-        """Restart the average from the current weights (the seed snippet's first verb).
+        """Restart the average from the current weights (the classic snippet's first verb).
 
         Shadows become copies of the current weights (zeros for ``init="zeros"``) and the update
         count restarts; the step count is kept.
