@@ -1,9 +1,11 @@
 """The emakit command line: demo, smooth, plan -- the paths a user takes, bad input included."""
 
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,6 +220,128 @@ def test_smooth_bad_input(capsys, tmp_path, content, args, message):
     assert re.search(message, err), err
 
 
+def test_smooth_never_writes_over_its_input(capsys, tmp_path):
+    _log_csv(tmp_path / "log.csv")
+    before = (tmp_path / "log.csv").read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.csv").symlink_to(tmp_path / "log.csv")
+    for flag, target in [("--out", tmp_path / "log.csv"), ("--out", tmp_path / "sub/../log.csv"),
+                         ("--out", tmp_path / "link.csv"), ("--plot", tmp_path / "log.csv")]:
+        rc, _out, err = _run(capsys, "smooth", tmp_path / "log.csv", "--column", "loss",
+                             "--span", 3, flag, target)
+        assert rc == 2 and f"{flag} " in err and "is the input file itself" in err, err
+    assert (tmp_path / "log.csv").read_bytes() == before
+    rc, _out, err = _run(capsys, "smooth", tmp_path / "log.csv", "--column", "loss", "--span", 3,
+                         "--out", tmp_path / "x", "--plot", tmp_path / "x")
+    assert rc == 2 and "--out and --plot are the same file" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_smooth_missing_values_are_the_documented_spellings(capsys, tmp_path):
+    """Empty, nan, na, null, none (any case), inf, -inf and overflowing numbers are missing."""
+    cells = ["1", "", "NaN", "NA", "null", "None", "inf", "-Infinity", "1e999", "4", " 2 "]
+    (tmp_path / "log.csv").write_text("loss\n" + "\n".join(f'"{c}"' for c in cells) + "\n")
+    rc, out, _ = _run(capsys, "smooth", tmp_path / "log.csv", "--column", "loss", "--alpha", 0.3)
+    assert rc == 0
+    rows = [line.split(",") for line in out.splitlines()[1:]]
+    raw = np.array([float(c) if c.strip().lower() not in ("", "nan", "na", "null", "none")
+                    else np.nan for c in cells])
+    want = pd.Series(raw).ewm(alpha=0.3).mean().to_numpy()  # pandas: +-inf are missing too
+    np.testing.assert_allclose([float(r[2]) for r in rows], want, rtol=1e-9)
+    # the raw column keeps what was read: NaN empty, infinities as they are
+    assert [r[1] for r in rows] == ["1", "", "", "", "", "", "inf", "-inf", "inf", "4", "2"]
+    assert [r[0] for r in rows] == [str(i) for i in range(11)]  # the row number
+    from emakit.cli import smooth
+
+    assert smooth.MISSING == ("", "nan", "na", "null", "none")
+    for spelling in ("empty", "``nan``", "``na``", "``null``", "``none``", "``inf``", "``-inf``"):
+        assert spelling in smooth.__doc__, spelling  # the docs list every spelling the code reads
+
+
+def test_smooth_streams_a_large_log_and_keeps_every_digit_of_the_step(capsys, tmp_path):
+    n = 200_003  # several write blocks, not a multiple of the block
+    steps = np.arange(n, dtype=np.int64) * 7 + 10**12  # beyond 10 significant digits
+    loss = np.random.default_rng(2).random(n)
+    with open(tmp_path / "log.csv", "w") as f:
+        f.write("lr,loss,step\n")
+        f.writelines(f"0.1,{v!r},{s}\n" for v, s in zip(loss.tolist(), steps.tolist()))
+    rc, _out, _ = _run(capsys, "smooth", tmp_path / "log.csv", "--column", "loss", "--span", 9,
+                       "--out", tmp_path / "s.csv")
+    assert rc == 0
+    table = pd.read_csv(tmp_path / "s.csv", dtype={"step": np.int64})
+    np.testing.assert_array_equal(table["step"], steps)
+    np.testing.assert_allclose(table["loss"], loss, rtol=1e-9)
+    np.testing.assert_allclose(table["loss_smoothed"], pd.Series(loss).ewm(span=9).mean(),
+                               rtol=1e-9)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--half-life", "1e300"], r"half_life=1e\+300 gives alpha=6.93e-301, which is too small"),
+    (["--span", "1e308"], r"span=1e\+308 gives alpha=2e-308, which is too small"),
+    (["--com", "1e308"], r"com=1e\+308 gives alpha=1e-308, which is too small"),
+    (["--alpha", "1e-300"], r"alpha=1e-300 is too small for float64"),
+])
+def test_smooth_huge_windows_are_one_line_errors(capsys, tmp_path, argv, message):
+    _log_csv(tmp_path / "log.csv")
+    rc, _out, err = _run(capsys, "smooth", tmp_path / "log.csv", "--column", "loss", *argv)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert re.search(message, err) and "half_life <= 6.24e+15" in err, err
+
+
+def test_smooth_deeply_nested_json_is_a_one_line_error(capsys, tmp_path):
+    deep = '{"loss": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+    (tmp_path / "log.jsonl").write_text('{"loss": 1}\n' + deep)
+    rc, _out, err = _run(capsys, "smooth", tmp_path / "log.jsonl", "--column", "loss",
+                         "--span", 3)
+    assert rc == 2 and err.strip() == (
+        f"emakit smooth: error: {tmp_path / 'log.jsonl'}:2: JSON nested too deeply to read.")
+
+
+def test_smooth_writes_a_pipe_or_device_in_place_and_a_full_disk_is_one_line(capsys, tmp_path):
+    _log_csv(tmp_path / "log.csv")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the output (~10 KB) fits the buffer
+    try:
+        rc, _out, err = _run(capsys, "smooth", tmp_path / "log.csv", "--column", "loss",
+                             "--span", 3, "--out", fifo)
+        assert rc == 0, err
+        assert fifo.is_fifo()  # written through, not replaced by a regular file
+        assert os.read(reader, 1 << 16).startswith(b"step,loss,loss_smoothed\n1,")
+    finally:
+        os.close(reader)
+    # Only once writing in place is shown (above) is /dev/full used: a regression must never
+    # replace the device when the tests run as root.
+    if Path("/dev/full").is_char_device():
+        rc, _out, err = _run(capsys, "smooth", tmp_path / "log.csv", "--column", "loss",
+                             "--span", 3, "--out", "/dev/full")
+        assert rc == 2 and "No space left on device" in err
+        assert len(err.strip().splitlines()) == 1 and Path("/dev/full").is_char_device()
+
+
+def test_errors_users_cause_are_one_line_but_bugs_keep_their_traceback(capsys, monkeypatch):
+    from emakit.cli import plan
+
+    def fail(exc):
+        def run(args):
+            raise exc
+        return run
+
+    cases = [(OverflowError("(34, 'Numerical result out of range')"),
+              "a number given is out of the computable range (OverflowError: "),
+             (RecursionError("maximum recursion depth exceeded"), "nested too deeply"),
+             (type("SafetensorError", (Exception,), {})(
+                 "Error while serializing: I/O error: No space left on device (os error 28)"),
+              "could not write a file: Error while serializing: I/O error: No space left")]
+    for exc, message in cases:
+        monkeypatch.setattr(plan, "run", fail(exc))
+        rc, _out, err = _run(capsys, "plan", "--decay", 0.9)
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setattr(plan, "run", fail(KeyError("a bug")))
+    with pytest.raises(KeyError, match="a bug"):
+        main(["plan", "--decay", "0.9"])
+
+
 # ---------------------------------------------------------------------------------- plan
 def test_plan_constant_decay_and_the_trap(capsys):
     rc, out, _ = _run(capsys, "plan", "--decay", 0.9999, "--steps", 5000)
@@ -271,3 +395,12 @@ def test_help_is_plain_text(capsys, command):
     out = capsys.readouterr().out
     assert f"emakit {command}: " in out  # the docstring's first line, markup gone
     assert "``" not in out and not re.search(r":(func|mod|class|meth|attr):`", out), out
+
+
+def test_plan_huge_gamma_is_computed_not_a_traceback(capsys):
+    rc, out, err = _run(capsys, "plan", "--schedule", "power:gamma=1e308", "--steps", 100,
+                        "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["schedule"]["sigma_rel"] == pytest.approx(1e-308, rel=1e-12)
+    assert report["initial_share"] == 0.0 and report["share_of_last"]["1"] == 1.0

@@ -370,7 +370,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
         0.1
     """
     g = _real("gamma", gamma, low=-1.0, high=math.inf, low_open=True, high_open=True)
-    return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
+    return math.sqrt((g + 1.0) / (g + 3.0)) / (g + 2.0)  # no overflow for huge gamma
 
 
 _SIGMA_REL_MAX_GAMMA = (math.sqrt(5.0) - 1.0) / 2.0 - 1.0  # the gamma where sigma_rel peaks

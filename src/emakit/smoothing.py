@@ -7,7 +7,8 @@ sample (NaN and +-inf are missing values, as in pandas). With ``beta = 1 - alpha
 - ``adjust=True`` (pandas' default): ``y_t = sum_i beta^(t-i) x_i / sum_i beta^(t-i)`` over the
   observed ``i <= t`` -- the bias-corrected average (Adam's / TensorBoard's ``debias``).
 - ``adjust=False``: ``y_0 = x_0``, ``y_t = beta * y_(t-1) + alpha * x_t`` (the textbook
-  smoothing formula ``EMA(t) = (1 - alpha) * EMA(t-1) + alpha * x_t``, started from the first value).
+  smoothing formula ``EMA(t) = (1 - alpha) * EMA(t-1) + alpha * x_t``, started from the first
+  value).
 - ``debias=False``: the same recurrence started from zero, ``y_(-1) = 0``, *not* corrected: what a
   hand-written loop with ``ema = np.zeros_like(x)`` gives (biased towards 0 early on).
 
@@ -45,6 +46,7 @@ from emakit.schedules import _real
 __all__ = ["alpha_from", "ewm"]
 
 _BLOCK = 64
+_MIN_ALPHA = 2.0**-53  # the smallest alpha with 1 - alpha != 1 in float64 (rounding to even)
 F64 = npt.NDArray[np.float64]
 
 
@@ -61,7 +63,11 @@ def alpha_from(*, alpha: float | None = None, half_life: float | None = None,
         com: centre of mass, >= 0.
 
     Returns:
-        ``alpha`` as a float in (0, 1].
+        ``alpha`` as a float in [2^-53, 1].
+
+    Raises:
+        ValueError: none or several given, a value out of range, or an ``alpha`` below 2^-53
+            (``half_life`` above about 6.2e15 samples), where ``1 - alpha`` rounds to 1.
 
     Example:
         >>> alpha_from(span=3), alpha_from(com=1), alpha_from(half_life=1)
@@ -77,13 +83,24 @@ def alpha_from(*, alpha: float | None = None, half_life: float | None = None,
     (name, value), = given.items()
     inf = math.inf
     if name == "alpha":
-        return _real("alpha", value, low=0.0, high=1.0, low_open=True)
-    if name == "half_life":
+        a = _real("alpha", value, low=0.0, high=1.0, low_open=True)
+    elif name == "half_life":
         h = _real("half_life", value, low=0.0, high=inf, low_open=True, high_open=True)
-        return -math.expm1(-math.log(2.0) / h)
-    if name == "span":
-        return 2.0 / (_real("span", value, low=1.0, high=inf, high_open=True) + 1.0)
-    return 1.0 / (1.0 + _real("com", value, low=0.0, high=inf, high_open=True))
+        a = -math.expm1(-math.log(2.0) / h)
+    elif name == "span":
+        a = 2.0 / (_real("span", value, low=1.0, high=inf, high_open=True) + 1.0)
+    else:
+        a = 1.0 / (1.0 + _real("com", value, low=0.0, high=inf, high_open=True))
+    if 1.0 - a == 1.0:  # beta = 1 - alpha rounds to 1: the average could never move
+        raise ValueError(
+            f"{name}={value!r}" + ("" if name == "alpha" else f" gives alpha={a:.3g}, which")
+            + " is too small for float64: 1 - alpha rounds to 1, so the average would never "
+            f"leave its first value. The limits are about alpha >= "
+            f"{_MIN_ALPHA:.3g}, half_life <= {math.log(2.0) / _MIN_ALPHA:.3g}, span <= "
+            f"{2.0 / _MIN_ALPHA - 1.0:.3g}, com <= {1.0 / _MIN_ALPHA - 1.0:.3g} samples; for an "
+            "average of everything so far use a plain cumulative mean."
+        )
+    return a
 
 
 # ------------------------------------------------------------------------------------ scans

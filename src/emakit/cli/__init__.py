@@ -1,8 +1,9 @@
 """The ``emakit`` command line: ``emakit demo | smooth | plan | inspect | export | bench``.
 
 Each command lives in its own module with ``add_parser(subparsers)`` and ``run(args) -> int``.
-Errors a user can fix (bad options, missing or malformed files) print one line to stderr and exit
-with status 2; nothing is half-written.
+Errors a user can fix (bad options, missing or malformed files, numbers beyond float64, input
+nested too deeply, a full disk) print one line to stderr and exit with status 2; nothing is
+half-written. Other exceptions are bugs and keep their traceback.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _io_error(exc: Exception) -> bool:
+    """Whether ``exc`` is an I/O failure reported outside ``OSError`` (safetensors' writer
+    raises ``SafetensorError("... I/O error: No space left on device ...")`` on a full disk)."""
+    return type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``emakit`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     parser = _parser()
@@ -70,6 +77,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except (CLIError, ValueError, OSError, ImportError) as exc:
         print(f"emakit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RecursionError as exc:  # e.g. a deeply nested JSON line or header
+        print(f"emakit {args.command}: error: the input is nested too deeply to read ({exc}).",
+              file=sys.stderr)
+        return 2
+    except ArithmeticError as exc:  # an option or value beyond what float64 can compute with
+        print(f"emakit {args.command}: error: a number given is out of the computable range "
+              f"({type(exc).__name__}: {exc}); use a smaller value.", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not _io_error(exc):
+            raise  # a bug: the traceback is what a report needs
+        print(f"emakit {args.command}: error: could not write a file: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"emakit {args.command}: interrupted", file=sys.stderr)
