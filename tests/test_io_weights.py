@@ -1,5 +1,7 @@
 """Weight files: formats by suffix, atomic replacement, clear errors for bad files."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -41,18 +43,17 @@ def test_tied_weights_are_saved_as_separate_copies(tmp_path):
     assert torch.equal(back["emb"], shared) and torch.equal(back["head"], shared)
 
 
-def test_a_crash_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "w.safetensors"
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".npz"])
+def test_a_crash_mid_write_keeps_the_previous_file(tmp_path, monkeypatch, suffix):
+    """Killed after the data went out but before the rename: the old file stays, no temporary."""
+    path = tmp_path / f"w{suffix}"
     write_weights({"a": torch.zeros(3)}, path)
     before = path.read_bytes()
-    import safetensors.torch
 
-    def half_then_crash(data, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"\x00" * 10)
+    def crash(fd):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_then_crash)
+    monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(KeyboardInterrupt):
         write_weights({"a": torch.ones(3)}, path)
     assert path.read_bytes() == before
@@ -81,8 +82,10 @@ def test_atomic_path_replaces_only_on_success(tmp_path):
 def test_bad_files_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"cannot tell the file format of .*'\.bin'"):
         write_weights({"a": torch.zeros(1)}, tmp_path / "w.bin")
-    with pytest.raises(ValueError, match="holds numpy arrays; save torch tensors as"):
-        write_weights({"a": torch.zeros(1)}, tmp_path / "w.npz")
+    with pytest.raises(ValueError, match=r"'h' is bfloat16, which numpy \(.npz\) cannot hold.*"
+                                         r"--dtype float32.*\.safetensors or \.pt"):
+        write_weights({"a": torch.zeros(1), "h": torch.zeros(1).bfloat16()}, tmp_path / "w.npz")
+    assert not (tmp_path / "w.npz").exists()
     with pytest.raises(FileNotFoundError, match="no such weight file"):
         read_weights(tmp_path / "missing.safetensors")
     good = tmp_path / "good.safetensors"
@@ -143,3 +146,40 @@ def test_npz_metadata_key_does_not_leak(tmp_path):
         assert sorted(z.files) == ["__metadata__", "a"]
     back, meta = read_weights(tmp_path / "w.npz")
     assert list(back) == ["a"] and meta == {"x": "1"}
+
+
+def test_pt_file_is_a_plain_state_dict(tmp_path):
+    """A .pt weight file loads straight into a model; the metadata rides along as an attribute."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    write_weights(model.state_dict(), tmp_path / "m.pt", metadata={"emakit.step": "4"})
+    loaded = torch.load(tmp_path / "m.pt", weights_only=True)
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    fresh.load_state_dict(loaded)  # strict: no extra keys
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
+                                                 model.state_dict().values()))
+    assert loaded.emakit_metadata == {"emakit.step": "4"}
+    assert read_weights(tmp_path / "m.pt")[1] == {"emakit.step": "4"}
+
+
+def test_pt_files_of_the_old_layout_still_read(tmp_path):
+    """emakit 0.1.0 wrote {"tensors": ..., "metadata": ...}."""
+    torch.save({"tensors": {"w": torch.ones(2)}, "metadata": {"emakit.step": "3"}},
+               tmp_path / "old.pt")
+    tensors, meta = read_weights(tmp_path / "old.pt")
+    assert list(tensors) == ["w"] and meta == {"emakit.step": "3"}
+
+
+def test_torch_tensors_go_to_npz_as_numpy(tmp_path):
+    tensors = {"a": torch.randn(3, 2), "i": torch.arange(4), "h": torch.randn(2).half()}
+    write_weights(tensors, tmp_path / "w.npz", metadata={"k": "v"})
+    with np.load(tmp_path / "w.npz") as z:
+        for k, v in tensors.items():
+            np.testing.assert_array_equal(z[k], v.numpy())
+    assert read_weights(tmp_path / "w.npz")[1] == {"k": "v"}
+
+
+def test_a_tensor_named_like_an_npz_argument(tmp_path):
+    """np.savez(file, **arrays) could not take an array named 'file'; the writer can."""
+    write_weights({"file": np.ones(2), "allow_pickle": np.zeros(1)}, tmp_path / "w.npz")
+    back, _ = read_weights(tmp_path / "w.npz")
+    assert sorted(back) == ["allow_pickle", "file"]

@@ -2,8 +2,14 @@
 
 - ``.safetensors``: torch tensors or numpy arrays, with ``metadata`` (str -> str) in the header;
   loads anywhere without emakit (``safetensors.torch.load_file``) and never unpickles.
-- ``.npz``: numpy arrays (``numpy.load``); metadata is stored as the ``__metadata__`` JSON entry.
-- ``.pt`` / ``.pth``: ``torch.save`` of a dict of tensors (read back with ``weights_only=True``).
+- ``.npz``: numpy arrays (``numpy.load``); torch tensors are converted (bfloat16 is refused:
+  numpy has no bfloat16). Metadata is stored as the ``__metadata__`` JSON entry.
+- ``.pt`` / ``.pth``: ``torch.save`` of a plain ``OrderedDict`` of tensors, so
+  ``model.load_state_dict(torch.load(path, weights_only=True))`` works; the metadata rides along
+  as the dict's attribute ``emakit_metadata`` (as torch keeps its own ``_metadata``), which
+  ``load_state_dict`` ignores. Files in the older ``{"tensors", "metadata"}`` layout still read.
+
+Every write is atomic and goes through an open descriptor (:func:`emakit.io.atomic.atomic_write`).
 
 Example:
     >>> import numpy as np, pathlib, tempfile
@@ -16,16 +22,17 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from emakit.io.atomic import atomic_path
+from emakit.io.atomic import atomic_write
 
-__all__ = ["SUFFIXES", "read_weights", "write_weights"]
+__all__ = ["SUFFIXES", "pt_weights", "read_npz", "read_weights", "write_weights"]
 
 SUFFIXES = (".safetensors", ".npz", ".pt", ".pth")
 _META_KEY = "__metadata__"
@@ -56,56 +63,78 @@ def write_weights(tensors: Mapping[str, Any], path: str | os.PathLike[str], *,
                   metadata: Mapping[str, str] | None = None) -> None:
     """Write ``name -> tensor`` to ``path`` atomically, in the format its suffix names.
 
+    Everything is checked and converted before the file is opened, so bad input leaves the
+    previous file as it was.
+
     Args:
-        tensors: torch tensors or numpy arrays (one kind per file), by name.
+        tensors: torch tensors or numpy arrays, by name.
         path: ends in ``.safetensors``, ``.npz``, ``.pt`` or ``.pth``.
-        metadata: short strings stored with the tensors.
+        metadata: short strings stored with the tensors (for ``.pt``: as the attribute
+            ``emakit_metadata`` of the saved ``OrderedDict``).
 
     Raises:
-        ValueError: for an unknown suffix, or torch tensors into ``.npz``.
+        ValueError: for an unknown suffix, a dtype the format cannot hold (bfloat16 in
+            ``.npz``), or a tensor named ``"__metadata__"``.
+        OSError: the file cannot be written (the message names ``path``).
     """
     dest = Path(path)
     suffix = _suffix(dest)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    torch_like = _is_torch(tensors)
-    with atomic_path(dest) as tmp:
-        if suffix == ".safetensors":
-            if torch_like:
-                import safetensors.torch
+    if _META_KEY in tensors:
+        raise ValueError(f"{str(dest)!r}: a tensor may not be named {_META_KEY!r} (it holds "
+                         "the metadata); rename it.")
+    if suffix == ".safetensors":
+        from emakit.io.safetensors_stream import raw_bytes, write_safetensors
 
-                data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-                safetensors.torch.save_file(_unshare(data), str(tmp), metadata=meta)
-            else:
-                import numpy as np
-                import safetensors.numpy
-
-                arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-                safetensors.numpy.save_file(arrays, str(tmp), metadata=meta)
-        elif suffix == ".npz":
-            if torch_like:
-                raise ValueError(f"{str(dest)!r}: .npz holds numpy arrays; save torch tensors as "
-                                 ".safetensors or .pt.")
-            import numpy as np
-
-            entries: dict[str, Any] = dict(tensors)
-            if meta:
-                entries[_META_KEY] = np.array(json.dumps(meta))
-            with open(tmp, "wb") as f:
-                np.savez(f, **entries)
-        else:
-            torch = _torch()
-            torch.save({"tensors": dict(tensors), "metadata": meta}, tmp)
+        raws = {str(k): raw_bytes(v, str(k)) for k, v in tensors.items()}
+        with atomic_write(dest) as f:
+            write_safetensors(f, raws, meta)
+    elif suffix == ".npz":
+        arrays = {str(k): _as_numpy(v, str(k), dest) for k, v in tensors.items()}
+        with atomic_write(dest) as f:
+            _write_npz(f, arrays, meta)
+    else:
+        torch = _torch()
+        state = collections.OrderedDict(
+            (str(k), v if isinstance(v, torch.Tensor) else torch.from_numpy(_contiguous(v)))
+            for k, v in tensors.items())
+        if meta:
+            state.emakit_metadata = meta  # type: ignore[attr-defined]
+        with atomic_write(dest) as f:
+            torch.save(state, f)
 
 
-def _unshare(data: dict[str, Any]) -> dict[str, Any]:
-    """safetensors refuses tensors that share memory (tied weights): give each its own copy."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for k, v in data.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset())
-        out[k] = v.clone() if key in seen else v
-        seen.add(key)
-    return out
+def _contiguous(x: Any) -> Any:
+    import numpy as np
+
+    return np.ascontiguousarray(x)
+
+
+def _as_numpy(x: Any, name: str, dest: Path) -> Any:
+    """A numpy array of ``x`` for ``.npz`` (torch tensors are copied to the CPU)."""
+    if type(x).__module__.startswith("torch"):
+        if str(x.dtype) == "torch.bfloat16":
+            raise ValueError(
+                f"cannot write {str(dest)!r}: {name!r} is bfloat16, which numpy (.npz) cannot "
+                "hold. Convert it to float32 first (emakit export --dtype float32), or write "
+                ".safetensors or .pt.")
+        return x.detach().to("cpu").resolve_conj().resolve_neg().numpy()
+    return x
+
+
+def _write_npz(f: IO[bytes], arrays: Mapping[str, Any], meta: Mapping[str, str]) -> None:
+    """What ``numpy.savez`` writes (a zip of ``.npy`` files), into an open file."""
+    import zipfile
+
+    import numpy as np
+
+    entries: dict[str, Any] = dict(arrays)
+    if meta:
+        entries[_META_KEY] = np.array(json.dumps(dict(meta)))
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in entries.items():
+            with zf.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
 
 def read_weights(path: str | os.PathLike[str], *,
@@ -132,22 +161,51 @@ def read_weights(path: str | os.PathLike[str], *,
         if suffix == ".safetensors":
             return _read_safetensors(src, framework)
         if suffix == ".npz":
-            import numpy as np
-
-            with np.load(src, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            meta_arr = arrays.pop(_META_KEY, None)
-            meta = json.loads(str(meta_arr)) if meta_arr is not None else {}
-            return arrays, meta
+            return read_npz(src)
         torch = _torch()
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
         raise ValueError(f"{str(src)!r} is not a readable {suffix} weight file: {exc}") from exc
-    if isinstance(obj, dict) and isinstance(obj.get("tensors"), dict):
-        return dict(obj["tensors"]), dict(obj.get("metadata") or {})
-    if isinstance(obj, dict):
-        return dict(obj), {}
-    raise ValueError(f"{str(src)!r} holds a {type(obj).__name__}, not a dict of tensors.")
+    if not isinstance(obj, dict):
+        raise ValueError(f"{str(src)!r} holds a {type(obj).__name__}, not a dict of tensors.")
+    return pt_weights(obj)
+
+
+def read_npz(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(arrays, metadata)`` of an ``.npz`` archive (whatever its suffix), without unpickling.
+
+    Raises:
+        ValueError: not a readable ``.npz`` archive (naming the file and why).
+    """
+    import numpy as np
+
+    src = Path(path)
+    try:
+        with np.load(src, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta_arr = arrays.pop(_META_KEY, None)
+        meta = json.loads(str(meta_arr)) if meta_arr is not None else {}
+    except (OSError, ValueError, RecursionError, KeyError) as exc:
+        raise ValueError(f"{str(src)!r} is not a readable .npz archive: {exc}") from None
+    return arrays, _str_dict(meta)
+
+
+def pt_weights(obj: dict[Any, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(tensors, metadata)`` of a dict read from a ``.pt`` file :func:`write_weights` wrote.
+
+    The metadata is the ``emakit_metadata`` attribute of the dict; files written by emakit
+    0.1.0 hold ``{"tensors": {...}, "metadata": {...}}`` instead, which is unwrapped.
+    """
+    if set(obj) == {"tensors", "metadata"} and isinstance(obj["tensors"], dict):
+        old = obj["metadata"]
+        return dict(obj["tensors"]), _str_dict(old)
+    return dict(obj), _str_dict(getattr(obj, "emakit_metadata", None))
+
+
+def _str_dict(meta: object) -> dict[str, str]:
+    if not isinstance(meta, dict):
+        return {}
+    return {k: v for k, v in meta.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _read_safetensors(src: Path, framework: str | None) -> tuple[dict[str, Any], dict[str, str]]:
