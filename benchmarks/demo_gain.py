@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -38,6 +39,7 @@ def main() -> None:
                      "gain": s["best_ema_val_acc"] - s["best_raw_val_acc"],
                      "test_final_raw": s["test_acc_final_raw"],
                      "test_best_ema": s["test_acc_best_ema"],
+                     "threads": report["settings"]["threads"],
                      "seconds": report["timings"]["total_s"]})
         print(json.dumps(rows[-1]), flush=True)
     gains = [r["gain"] for r in rows]
@@ -53,7 +55,9 @@ def main() -> None:
     Path(f"{stem}.json").write_text(json.dumps({"rows": rows, "summary": summary},
                                                     indent=2) + "\n")
     lines = ["# `emakit demo`: EMA vs raw weights over seeds", "",
-             "`python benchmarks/demo_gain.py` (default demo settings, 2 CPU threads).", "",
+             f"`python benchmarks/demo_gain.py` (default demo settings: "
+             f"{rows[0]['threads']} torch thread(s); machine: {os.cpu_count()} cores, "
+             f"torch {torch.__version__}). s: wall seconds of the whole demo run.", "",
              "| seed | best raw val | best EMA val | gain | test, final raw | test, best EMA | s |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['seed']} | {r['best_raw_val']:.4f} | {r['best_ema_val']:.4f} | "

@@ -83,6 +83,28 @@ def test_demo_is_deterministic_for_a_seed(capsys, tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_demo_runs_single_threaded_by_default_and_restores_the_callers_settings(capsys,
+                                                                              tmp_path):
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.set_num_threads(2)
+        torch.use_deterministic_algorithms(False)
+        a, _ = _demo(capsys, tmp_path, name="a")
+        assert json.loads((a / "report.json").read_text())["settings"]["threads"] == 1
+        assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+        b, _ = _demo(capsys, tmp_path, "--threads", 2, name="b")
+        assert json.loads((b / "report.json").read_text())["settings"]["threads"] == 2
+        assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+        # a failing run restores them too
+        rc, _, err = _run(capsys, "demo", "--epochs", 1, "--out", tmp_path / "c",
+                          "--no-progress", "--threads", 1, "--data", tmp_path / "missing.npz")
+        assert rc == 2 and "no such file" in err
+        assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
 def test_demo_decay_option(capsys, tmp_path):
     out, _stdout = _demo(capsys, tmp_path, "--decay", "0.9")
     report = json.loads((out / "report.json").read_text())
@@ -129,6 +151,7 @@ def test_demo_bad_data(capsys, tmp_path, make, message):
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--decay", "1.5"], r"--decay must be in \[0, 1\], got 1.5"),
     (["--half-life", "-3"], "--half-life must be a number of steps > 0, got -3.0"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
 ])
 def test_demo_bad_options(capsys, tmp_path, args, message):
     rc, _, err = _run(capsys, "demo", "--out", tmp_path, *args)

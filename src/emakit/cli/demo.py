@@ -7,6 +7,13 @@ weights (by validation accuracy) are kept with :class:`emakit.KeepBest`; at the 
 on a test split that played no part in any choice. Uses only the public API: ``EMA``,
 ``swapped()``, ``KeepBest``, ``state_dict()``.
 
+Runs on one torch thread unless ``--threads N`` says otherwise: the CNN is too small to gain from
+intra-op threads, and on cores shared with other processes extra threads made it many times
+slower. The caller's thread count is restored afterwards. The same seed and thread count give the
+same numbers, bit for bit; a different thread count splits some floating-point sums (gradients of
+the convolution and of the last layer) differently, so its numbers differ in the last bits and
+then in the table.
+
 Writes ``OUT/best_ema.safetensors`` (a plain state dict), ``OUT/checkpoint.pt`` (model, optimizer,
 EMA and KeepBest state, for resuming), ``OUT/ema.safetensors`` (the EMA alone, ``emakit.save``;
 try ``emakit inspect`` on it), ``OUT/report.json`` and ``OUT/curves.png``.
@@ -45,6 +52,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--data", type=Path, help="your own data: an .npz with arrays X (samples "
                    "first; 2-D features or images N,H,W / N,C,H,W) and y (integer labels)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads while the demo runs (default 1: the small CNN "
+                        "gains nothing from more, and shared cores slow it down many times)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -130,6 +140,10 @@ def _evaluate(model: Any, x: Any, y: Any) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
+    """Check the options, then train with ``--threads`` torch threads and deterministic
+    algorithms; the caller's thread count and determinism flag are restored afterwards."""
+    if args.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {args.threads}.")
     if args.epochs < 1:
         raise CLIError(f"--epochs must be >= 1, got {args.epochs}.")
     if args.decay is not None and not 0.0 <= args.decay <= 1.0:
@@ -143,6 +157,17 @@ def run(args: argparse.Namespace) -> int:
         raise ImportError(f"the demo needs torch, scikit-learn, matplotlib and tqdm ({exc}); "
                           "install them with: pip install -c constraints.txt 'emakit[demo]'"
                           ) from exc
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(args, torch, tqdm)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(args: argparse.Namespace, torch: Any, tqdm: Any) -> int:
     import emakit
     from emakit.io import atomic_path
 
@@ -152,7 +177,6 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(args.seed)
     tr, va, te = _split(len(x_all), rng)
     classes = int(y_all.max()) + 1
@@ -187,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
             idx = order[i:i + batch]
             optimizer.zero_grad(set_to_none=True)
             loss = torch.nn.functional.cross_entropy(model(x_train[idx]), y_train_t[idx])
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()
             optimizer.step()
             ema.update()
             losses.append(loss.detach())
@@ -238,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
                      "schedule": ema.schedule.to_dict(), "batch_size": batch, "optimizer":
                      "SGD lr 0.1 momentum 0.9 weight_decay 1e-4", "label_noise": LABEL_NOISE,
                      "split": {"train": len(tr), "val": len(va), "test": len(te)},
+                     "threads": torch.get_num_threads(),
                      "steps_per_epoch": steps_per_epoch, "parameters":
                      sum(p.numel() for p in model.parameters())},
         "epochs": history,
