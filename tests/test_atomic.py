@@ -76,14 +76,18 @@ def test_atomic_path_folder_is_private_and_chmod_follows_no_link(tmp_path: Path)
     """atomic_path's path lives in a 0700 folder; a link swapped in there is refused."""
     victim = _victim(tmp_path)
     dest = tmp_path / "out.png"
-    with pytest.raises(OSError, match=r"cannot write '.*out\.png'") as info, \
-            atomic_path(dest) as tmp:
-        folder = tmp.parent
-        assert folder.parent == tmp_path and tmp.name == "out.png"
-        assert folder.name.startswith(".out.png.") and folder.name.endswith(".tmp")
-        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-        assert folder.stat().st_uid == os.getuid()
-        tmp.symlink_to(victim)  # only our own uid can do this in a 0700 folder
+
+    def attacked() -> None:
+        with atomic_path(dest) as tmp:
+            folder = tmp.parent
+            assert folder.parent == tmp_path and tmp.name == "out.png"
+            assert folder.name.startswith(".out.png.") and folder.name.endswith(".tmp")
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+            assert folder.stat().st_uid == os.getuid()
+            tmp.symlink_to(victim)  # only our own uid can do this in a 0700 folder
+
+    with pytest.raises(OSError, match=r"cannot write '.*out\.png'") as info:
+        attacked()
     assert info.value.errno == errno.ELOOP
     _unchanged(victim)
     assert not dest.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["secret"]
@@ -146,7 +150,7 @@ def test_unwritable_folder_names_the_target(tmp_path: Path,
 def test_every_temporary_name_follows_the_pattern(tmp_path: Path) -> None:
     seen = []
     with atomic_write(tmp_path / "a.pt") as f:
-        seen += [p for p in tmp_path.iterdir()]
+        seen += list(tmp_path.iterdir())
         f.write(b"x")
     with atomic_path(tmp_path / "b.txt") as tmp:
         seen += [p for p in tmp_path.iterdir() if p.name != "a.pt"]

@@ -107,3 +107,95 @@ def test_inspect_and_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "cannot tell the file format" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", str(path), "--out", "m.safetensors", "--dtype", "int8"])
+
+
+def test_export_to_npz_and_pt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """.npz takes torch weights (bf16 needs --dtype float32); .pt loads into a plain model."""
+    import numpy as np
+
+    _, ema, path = _trained(tmp_path)
+    npz = tmp_path / "m.npz"
+    assert main(["export", str(path), "--out", str(npz)]) == 2
+    err = capsys.readouterr().err
+    assert "emakit export: error: cannot write" in err and ".npz (numpy) has no bfloat16" in err
+    assert "--dtype float32" in err and "write .safetensors or .pt" in err
+    assert not npz.exists()
+    assert main(["export", str(path), "--out", str(npz), "--dtype", "float32"]) == 0
+    want = ema.model_state_dict()
+    with np.load(npz) as z:
+        assert set(z.files) == set(want) | {"__metadata__"}
+        np.testing.assert_array_equal(z["head.weight"], ema.averaged()["head.weight"].numpy())
+    pt = tmp_path / "m.pt"
+    assert main(["export", str(path), "--out", str(pt)]) == 0
+    plain = peers.net().to(torch.bfloat16)
+    plain.load_state_dict(torch.load(pt, weights_only=True))  # strict, no emakit involved
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, want[name]), name
+
+
+def test_help_lists_the_formats_and_dtypes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{model,keep,float32,bfloat16,float16,float64}" in text
+    assert ".safetensors (recommended), .pt or .npz" in text and "--no-verify" in text
+
+
+def _bf16_state(tmp_path: Path, *, recorded: bool) -> tuple[emakit.EMA, Path]:
+    model = peers.net().to(torch.bfloat16)
+    ema = emakit.EMA(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    ema.update()
+    state = ema.state_dict()
+    if not recorded:  # a state saved before emakit recorded the model's dtypes
+        state.pop("source_dtypes")
+    torch.save({"ema": state}, tmp_path / "train.pt")
+    return ema, tmp_path / "train.pt"
+
+
+def test_export_of_a_torch_saved_bf16_state(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The state records the model dtypes, so torch.save exports bf16 like emakit.save does."""
+    ema, path = _bf16_state(tmp_path, recorded=True)
+    out = tmp_path / "m.safetensors"
+    assert main(["export", str(path), "--out", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+    got = safetensors.torch.load_file(out)
+    assert got["head.weight"].dtype == torch.bfloat16
+    assert torch.equal(got["head.weight"], ema.model_state_dict()["head.weight"])
+
+
+def test_export_of_an_older_state_says_what_it_chose(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    _, path = _bf16_state(tmp_path, recorded=False)
+    out = tmp_path / "m.safetensors"
+    assert main(["export", str(path), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("emakit export: note: the file does not record the model's dtypes")
+    assert "wrote the stored dtypes (float32, int64)" in err and "--dtype" in err
+    assert safetensors.torch.load_file(out)["head.weight"].dtype == torch.float32
+    assert main(["inspect", str(path)]) == 0
+    assert "the model's dtypes are not recorded" in capsys.readouterr().out
+    assert main(["export", str(path), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    assert safetensors.torch.load_file(out)["head.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("how", ["emakit.save", "torch.save"])
+def test_export_refuses_a_zero_init_ema_before_its_first_update(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str) -> None:
+    ema = emakit.EMA(peers.net(), decay=0.9, init="zeros")
+    path = tmp_path / ("ema.safetensors" if how == "emakit.save" else "ema.pt")
+    if how == "emakit.save":
+        emakit.save(ema, path)
+    else:
+        torch.save(ema.state_dict(), path)
+    out = tmp_path / "m.safetensors"
+    assert main(["export", str(path), "--out", str(out)]) == 2
+    assert "holds no average yet: the EMA (init='zeros') was saved before its first update" in \
+        capsys.readouterr().err
+    assert not out.exists()
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["empty"] is True and any("no average" in n for n in info["notes"])

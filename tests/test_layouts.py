@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
 import subprocess
@@ -169,9 +170,13 @@ def test_unknown_file_names_the_layouts(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"x.pt.*holds no EMA layout.*'epoch'.*Known layouts: "
                                          r"emakit, timm"):
         read_checkpoint(tmp_path / "x.pt")
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x02not a checkpoint at all")
     with pytest.raises(ValueError, match=r"junk.pt.*not a readable torch checkpoint"):
         read_checkpoint(tmp_path / "junk.pt")
+    (tmp_path / "log.csv").write_text("step,loss\n1,0.5\n")
+    with pytest.raises(ValueError, match=r"log.csv' is not a checkpoint emakit can read: it is "
+                                         r"a text file \(it starts with 'step,loss'\)"):
+        read_checkpoint(tmp_path / "log.csv")
 
 
 def test_plain_weights_and_nested_emakit_state(tmp_path: Path) -> None:
@@ -202,3 +207,74 @@ def test_reading_does_not_import_the_library(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split("\n")
     assert out[:2] == ["ema-pytorch", "[]"]
+
+
+def test_weight_files_of_the_old_pt_layout_are_plain(tmp_path: Path) -> None:
+    """emakit 0.1.0 wrote .pt weight files as {"tensors", "metadata"}; they still read."""
+    torch.save({"tensors": {"w": torch.ones(2)}, "metadata": {"emakit.step": "3"}},
+               tmp_path / "old.pt")
+    found = read_checkpoint(tmp_path / "old.pt")
+    assert (found.layout, list(found.weights), found.step) == ("plain", ["w"], 3)
+
+
+class _Wrapper(torch.nn.Module):
+    """What DDP (``module.``) and torch.compile (``_orig_mod.``) do to the names."""
+
+    def __init__(self, inner: torch.nn.Module, attribute: str) -> None:
+        super().__init__()
+        self.add_module(attribute, inner)
+
+
+def _trained_ema(source: Any) -> emakit.EMA:
+    ema = emakit.EMA(source, decay=0.5)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+    ema.update()
+    return ema
+
+
+@pytest.mark.parametrize("wrap", ["module.", "_orig_mod."])
+@pytest.mark.parametrize("save", ["emakit.save", "torch.save"])
+def test_emakit_file_of_a_wrapped_model(tmp_path: Path, wrap: str, save: str) -> None:
+    """A file from a DDP / torch.compile model starts the plain model's EMA with its averages."""
+    inner = peers.net()
+    wrapped = _Wrapper(inner, wrap.rstrip("."))
+    ema = _trained_ema(wrapped)
+    assert ema.names[0].startswith(wrap)
+    path = tmp_path / ("ema.safetensors" if save == "emakit.save" else "ema.pt")
+    if save == "emakit.save":
+        emakit.save(ema, path)
+    else:
+        torch.save({"ema": ema.state_dict()}, path)
+    want = {n.removeprefix(wrap): v for n, v in ema.averaged().items()}
+    for strict in (True, False):
+        again = emakit.EMA.from_checkpoint(peers.net(seed=5), path, strict=strict)
+        assert again.step == ema.step and again.num_updates == 1
+        for name, value in again.averaged().items():
+            assert torch.equal(value, want[name]), name
+
+
+def test_emakit_file_of_another_model_never_falls_back(tmp_path: Path) -> None:
+    """strict=False with no name in common raises; with some in common, warns naming the rest."""
+    other = torch.nn.Sequential(collections.OrderedDict(enc=torch.nn.Linear(4, 6),
+                                                        dec=torch.nn.Linear(6, 3)))
+    emakit.save(_trained_ema(other), tmp_path / "other.safetensors")
+    with pytest.raises(emakit.StateDictError,
+                       match=r"other\.safetensors': none of the 4 names in the emakit checkpoint "
+                             r"is tracked by this EMA.*never starts from the model's own"):
+        emakit.EMA.from_checkpoint(peers.net(), tmp_path / "other.safetensors", strict=False)
+    part = peers.net()
+    ema = emakit.EMA(part, decay=0.5, policy=emakit.Policy(exclude=["head.*"]))
+    emakit.save(ema, tmp_path / "part.safetensors")
+    with pytest.warns(emakit.EMAWarning, match=r"started 7 of 9 tracked tensors from the "
+                                                r"checkpoint.*missing \['head.weight', "
+                                                r"'head.bias'\]"):
+        emakit.EMA.from_checkpoint(peers.net(), tmp_path / "part.safetensors", strict=False)
+    with pytest.raises(emakit.StateDictError, match=r"none of the 4 names in the plain"):
+        emakit.EMA.from_checkpoint(peers.net(), _plain(tmp_path, other), strict=False, decay=0.9)
+
+
+def _plain(tmp_path: Path, model: torch.nn.Module) -> Path:
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    return tmp_path / "plain.pt"

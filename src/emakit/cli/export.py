@@ -8,6 +8,7 @@ Ultralytics and AveragedModel (:mod:`emakit.io.layouts`); the output loads with
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,17 @@ def add_parser(sub: Any) -> None:
                        description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path, help="an emakit or other library's checkpoint")
     p.add_argument("--out", type=Path, required=True,
-                   help="the file to write: .safetensors (recommended), .pt or .npz")
+                   help="the file to write: .safetensors (recommended), .pt or .npz (numpy; "
+                        "bfloat16 weights need --dtype float32 there)")
     p.add_argument("--dtype", choices=DTYPES, default="model",
-                   help="model: the model's dtypes where recorded (default); keep: the shadow "
-                        "dtype; or one floating dtype")
+                   help="model: the model's dtypes where the file records them, else as stored "
+                        "(default); keep: as stored (the shadow dtype); or one floating dtype "
+                        "for every floating tensor")
     p.add_argument("--names", type=Path,
                    help="parameter names, one per line (diffusers / torch-ema lists)")
     p.add_argument("--strip-prefix", help="remove this prefix from the names, e.g. 'module.'")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the checksums of an emakit file (faster for huge files)")
     p.set_defaults(run=run)
 
 
@@ -40,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out.resolve() == args.checkpoint.resolve():
         raise CLIError("--out is the checkpoint itself; choose another file.")
     summary = export_weights(args.checkpoint, args.out, dtype=args.dtype, names=names,
-                             strip_prefix=args.strip_prefix)
+                             strip_prefix=args.strip_prefix, verify=not args.no_verify)
     print(f"wrote {summary.tensors} tensors ({summary.bytes / 1e6:.1f} MB) of EMA weights to "
           f"{summary.path} (read as layout {summary.layout!r})")
+    for note in summary.notes:
+        print(f"emakit export: note: {note}", file=sys.stderr)
     return 0

@@ -22,10 +22,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--names", type=Path,
                    help="parameter names, one per line (diffusers / torch-ema lists)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the checksums of an emakit file (faster for huge files)")
     p.set_defaults(run=run)
 
 
-def describe(path: Path, names: Any = None) -> dict[str, Any]:
+def describe(path: Path, names: Any = None, *, verify: bool = True) -> dict[str, Any]:
     """The facts ``emakit inspect`` prints, as a JSON-ready dict."""
     import math
 
@@ -34,7 +36,7 @@ def describe(path: Path, names: Any = None) -> dict[str, Any]:
     from emakit.io.export import tensor_bytes
     from emakit.io.layouts import read_checkpoint
 
-    found = read_checkpoint(path, names=names)
+    found = read_checkpoint(path, names=names, verify=verify)
     weights = found.weights
     infos = [backend_for(t).info(t) for t in weights.values()]  # type: ignore[union-attr]
     info: dict[str, Any] = {
@@ -54,6 +56,7 @@ def describe(path: Path, names: Any = None) -> dict[str, Any]:
         "dtypes": dict(Counter(i.dtype for i in infos)),
         "model_dtypes": dict(Counter(found.model_dtypes.values())) if found.model_dtypes
         else None,
+        "empty": found.empty,
         "notes": list(found.notes),
     }
     if found.decay is not None:
@@ -113,6 +116,7 @@ def _table(info: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from emakit.io.export import read_names
 
-    info = describe(args.file, None if args.names is None else read_names(args.names))
+    info = describe(args.file, None if args.names is None else read_names(args.names),
+                    verify=not args.no_verify)
     print(json.dumps(info, indent=2) if args.json else _table(info))
     return 0

@@ -80,9 +80,10 @@ def ema_from_checkpoint(cls: type[EMA], source: Any, path: Any, *, names: Any, s
     """See :meth:`emakit.EMA.from_checkpoint`."""
     if names is None and callable(getattr(source, "named_parameters", None)):
         names = source
-    found = read_checkpoint(path, names=names)
-    where = repr(str(path))
     opts = dict(options)
+    verify = opts.pop("verify", True)
+    found = read_checkpoint(path, names=names, verify=bool(verify))
+    where = repr(str(path))
     _schedule(found, opts, str(path))
     if found.layout == "emakit":
         return _from_emakit(cls, source, found, strict, opts, where)
@@ -100,6 +101,8 @@ def ema_from_checkpoint(cls: type[EMA], source: Any, path: Any, *, names: Any, s
             missing = [n for n in missing if n in params]
     known = set(ema._source.state())  # names the model has but the EMA skips are fine
     unexpected = [f for f in found.weights if renamed[f] not in known]
+    if not weights and ema.names:
+        raise _nothing_matches(where, found, how, missing, unexpected)
     if strict and (missing or unexpected):
         raise StateDictError(
             f"{where}: the {found.layout} checkpoint{found.where} does not fit this model "
@@ -117,14 +120,56 @@ def ema_from_checkpoint(cls: type[EMA], source: Any, path: Any, *, names: Any, s
     return ema
 
 
+def _nothing_matches(where: str, found: EMACheckpoint, how: str, missing: list[str],
+                     unexpected: list[str]) -> StateDictError:
+    return StateDictError(
+        f"{where}: none of the {len(found.weights)} names in the {found.layout} "
+        f"checkpoint{found.where} is tracked by this EMA (names matched {how}), so nothing "
+        "would come from the file", missing=missing, unexpected=unexpected,
+        fix="Use the model the checkpoint was made for; even with strict=False an EMA never "
+            "starts from the model's own weights with the file's counters.")
+
+
+_NAMED = ("shadows", "actions", "nonfinite_skips", "decay_products", "source_dtypes")
+"""The state entries keyed by tracked name (renamed with the shadows)."""
+
+
+def _renamed_state(state: dict[str, Any], rename: Mapping[str, str]) -> dict[str, Any]:
+    """``state`` with every tracked name (and tied alias) renamed by ``rename``."""
+    out = dict(state)
+    for key in _NAMED:
+        if isinstance(state.get(key), Mapping):
+            out[key] = {rename.get(n, n): v for n, v in state[key].items()}
+    if isinstance(state.get("aliases"), Mapping):
+        out["aliases"] = {rename.get(a, a): rename.get(n, n) for a, n in state["aliases"].items()}
+    return out
+
+
 def _from_emakit(cls: type[EMA], source: Any, found: EMACheckpoint, strict: bool,
                  opts: dict[str, Any], where: str) -> EMA:
     state = dict(found.state or {})
     opts.setdefault("every", state.get("every", 1))
     opts.setdefault("init", state.get("init", "copy"))
     ema = cls(source, **opts)
+    saved = list(state.get("shadows") or {})
+    aliases = state.get("aliases")
+    renamed, how = match_names(
+        [*saved, *(aliases if isinstance(aliases, Mapping) else ())], ema.names)
+    if how != "as is":
+        state = _renamed_state(state, renamed)
+    tracked = set(ema.names)
+    hits = [renamed[n] for n in saved if renamed[n] in tracked]
+    missing = [n for n in ema.names if n not in set(hits)]
+    unexpected = [n for n in saved if renamed[n] not in tracked]
+    if not hits and ema.names:
+        raise _nothing_matches(where, found, how, missing, unexpected)
     try:
         ema.load_state_dict(state, strict=strict)
     except StateDictError as exc:
         raise exc.located(where) from None
+    if missing or unexpected:
+        warnings.warn(f"{where}: started {len(hits)} of {len(ema.names)} tracked tensors from "
+                      f"the checkpoint (names matched {how}); missing {missing[:5]}, "
+                      f"unexpected {unexpected[:5]}; the missing ones start from the model's "
+                      "weights.", EMAWarning, stacklevel=3)
     return ema

@@ -9,11 +9,15 @@ one key, ``"emakit"``, whose value is a JSON object (``docs/state-format.md``)::
      "init": "copy", "every": 3, "decay": {"kind": "Constant", "decay": 0.999},
      "half_life": 692.8, "policy": {...}, "actions": {"w": "average", ...},
      "shadow_dtypes": {"w": "float32", ...}, "source_dtypes": {"w": "bfloat16", ...},
-     "user": {...}}
+     "user": {...}, "checksums": {"algorithm": "crc32", "tensors": {"w": "1c291ca3", ...}}}
 
-Writes are atomic (:func:`emakit.io.atomic_path`): a crash leaves the previous file whole.
-Reading never unpickles, checks every entry before anything is loaded, and names the file and
-the key in its errors.
+A second metadata key, ``"emakit.header_crc32"``, holds the CRC-32 of that JSON text, so a
+flipped bit in a tensor or in the header is caught on reading (``verify=False`` skips the check,
+for huge files; files written before checksums were recorded load unchecked).
+
+Writes are atomic (:func:`emakit.io.atomic.atomic_write`): a crash leaves the previous file
+whole. Reading never unpickles, checks every entry before anything is loaded, and names the file
+and the key in its errors.
 
 Example:
     >>> import numpy as np, pathlib, tempfile
@@ -42,18 +46,15 @@ from typing import Any
 
 from emakit.ema import EMA, FORMAT_VERSION, LoadResult
 from emakit.errors import StateDictError
-from emakit.io.weights import read_weights, write_weights
+from emakit.io.header import HEADER_CRC_KEY, HEADER_KEY, KIND, READABLE_VERSIONS, parse_header
+from emakit.io.weights import read_weights
 
-__all__ = ["HEADER_KEY", "KIND", "READABLE_VERSIONS", "load", "parse_header", "read_header",
-           "read_state", "save", "state_from"]
+__all__ = ["HEADER_CRC_KEY", "HEADER_KEY", "KIND", "READABLE_VERSIONS", "load", "parse_header",
+           "read_header", "read_state", "save", "state_from"]
 
-HEADER_KEY = "emakit"
-"""The safetensors metadata key that holds the JSON header."""
-KIND = "ema-state"
-READABLE_VERSIONS = (1,)
-"""The ``format_version`` values this emakit reads (every version it ever wrote)."""
-_SETTINGS = ("backend", "step", "last_update_step", "num_updates", "decay_product", "init",
-             "every", "decay", "policy", "actions")
+_FILE_ONLY = ("kind", "format_version", "emakit_version", "half_life", "shadow_dtypes", "user",
+              "checksums")
+"""Header keys that describe the file, not the EMA state (the rest is the state)."""
 
 
 def _half_life(decay: Mapping[str, Any]) -> float | None:
@@ -63,13 +64,31 @@ def _half_life(decay: Mapping[str, Any]) -> float | None:
     return None if d in (0.0, 1.0) else math.log(0.5) / math.log(d)
 
 
+def _is_path(x: object) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+def _wrong_ema(verb: str, first: object, second: object) -> TypeError:
+    """The TypeError for ``emakit.save`` / ``emakit.load`` called without an EMA in its place."""
+    usage = "emakit.save(ema, path)" if verb == "save" else "emakit.load(path, ema)"
+    got, other = (first, second) if verb == "save" else (second, first)
+    if isinstance(other, EMA) and _is_path(got):
+        return TypeError(f"emakit.{verb} got its arguments swapped: call {usage} (the path "
+                         f"{str(got)!r} came where the EMA belongs).")
+    hint = (" For a MultiEMA, save or load each average: emakit."
+            f"{verb}({'emas[k], path' if verb == 'save' else 'path, emas[k]'})."
+            if type(got).__name__ == "MultiEMA" else "")
+    return TypeError(f"ema must be an emakit.EMA, got {type(got).__name__}. Usage: {usage}."
+                     + hint)
+
+
 def save(ema: EMA, path: str | os.PathLike[str], *,
          metadata: Mapping[str, str] | None = None) -> None:
     """Write ``ema``'s state to a ``.safetensors`` file, atomically.
 
     Everything :meth:`EMA.state_dict` holds goes in: the shadows (in their dtype) as tensors,
-    the counters and settings as JSON in the header. A crash during the write leaves the
-    previous file at ``path`` intact.
+    the counters and settings as JSON in the header, with a CRC-32 of every tensor and of the
+    header. A crash during the write leaves the previous file at ``path`` intact.
 
     Args:
         ema: the EMA.
@@ -78,9 +97,16 @@ def save(ema: EMA, path: str | os.PathLike[str], *,
             run name); :func:`read_header` returns them.
 
     Raises:
+        TypeError: ``ema`` is not an :class:`~emakit.EMA` (e.g. the arguments are swapped).
         SwapError: while the EMA weights are swapped into the model.
         ValueError: for another suffix, or metadata that is not ``str -> str``.
+        OSError: the file cannot be written (the message names ``path`` and the reason).
     """
+    if not isinstance(ema, EMA):
+        raise _wrong_ema("save", ema, path)
+    if not _is_path(path):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}. "
+                        "Usage: emakit.save(ema, path).")
     dest = Path(path)
     if dest.suffix.lower() != ".safetensors":
         raise ValueError(f"emakit.save writes safetensors; path must end in '.safetensors', got "
@@ -91,29 +117,73 @@ def save(ema: EMA, path: str | os.PathLike[str], *,
         raise ValueError(f"metadata must map str to str; {bad[0]!r} -> {user[bad[0]]!r} does not. "
                          "Convert values with str() or json.dumps().")
     from emakit import __version__
+    from emakit.io import safetensors_stream as stream
+    from emakit.io.atomic import atomic_write
 
     state = ema.state_dict()  # raises SwapError inside swapped()
     shadows = state.pop("shadows")
+    raws = {n: stream.raw_bytes(t, n) for n, t in shadows.items()}
     header: dict[str, Any] = {"kind": KIND, "format_version": FORMAT_VERSION,
                               "emakit_version": __version__}
     header.update(state)
     header["half_life"] = _half_life(state["decay"])
-    header["shadow_dtypes"] = {n: ema._backend.info(t).dtype for n, t in shadows.items()}
-    header["source_dtypes"] = ema.source_dtypes()
+    header["shadow_dtypes"] = {n: _dtype(t) for n, t in shadows.items()}
+    header.setdefault("source_dtypes", ema.source_dtypes())
     header["user"] = user
-    write_weights(shadows, dest, metadata={HEADER_KEY: json.dumps(header)})
+    header["checksums"] = {"algorithm": "crc32",
+                           "tensors": {n: stream.crc32(r.data) for n, r in raws.items()}}
+    text = json.dumps(header)
+    meta = {HEADER_KEY: text, HEADER_CRC_KEY: stream.crc32(memoryview(text.encode("utf-8")))}
+    with atomic_write(dest) as f:
+        stream.write_safetensors(f, raws, meta)
+
+
+def _dtype(x: Any) -> str:
+    from emakit.backends import backend_for
+
+    backend = backend_for(x)
+    return backend.info(x).dtype if backend else type(x).__name__
 
 
 def _where(path: Path) -> str:
     return repr(str(path))
 
 
-def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+def _not_safetensors(src: Path, exc: Exception) -> StateDictError:
+    """The error for a file safetensors cannot open, saying what the file is instead."""
+    from emakit.io.sniff import file_kind
+
+    kind = file_kind(src)
+    if kind.startswith("a torch.save"):
+        return StateDictError(
+            f"{_where(src)} is {kind}, not an emakit.save file",
+            fix="For an ema.state_dict() saved inside it use "
+                "ema.load_state_dict(torch.load(path, weights_only=True)[key]); to start an EMA "
+                "from it use EMA.from_checkpoint(model, path); `emakit inspect FILE` shows what "
+                "it holds.")
+    if kind == "empty":
+        return StateDictError(f"{_where(src)} is empty (0 bytes), not a readable .safetensors "
+                              "file", fix="Was its write cut short by something other than "
+                              "emakit.save (which never leaves a partial file)?")
+    if kind == "a safetensors file" or kind.startswith("not a format"):
+        return StateDictError(f"{_where(src)} is not a readable .safetensors file ({exc})",
+                              fix="Is the file truncated or corrupt?")
+    return StateDictError(f"{_where(src)} is {kind}, not an emakit.save (.safetensors) file",
+                          fix="emakit.load reads the files emakit.save writes; `emakit inspect "
+                              "FILE` shows what other checkpoints hold.")
+
+
+def read_header(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
     """The JSON header of an emakit checkpoint, without reading the tensors.
+
+    Args:
+        path: a file written by :func:`save`.
+        verify: check the header's CRC-32 where the file records one.
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        StateDictError: if it is not an emakit checkpoint of a version this emakit reads.
+        StateDictError: if it is not an emakit checkpoint of a version this emakit reads, or
+            its header is damaged or malformed (naming the key).
     """
     import safetensors
 
@@ -124,75 +194,72 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         with safetensors.safe_open(str(src), framework="np") as f:
             meta = dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own SafetensorError
-        raise StateDictError(f"{_where(src)} is not a readable .safetensors file ({exc})",
-                             fix="Is the file truncated or corrupt?") from None
-    return parse_header(src, meta)
+        raise _not_safetensors(src, exc) from None
+    return parse_header(src, meta, verify=verify)
 
 
-def parse_header(src: Path, meta: Mapping[str, str]) -> dict[str, Any]:
-    """The checked JSON header from a safetensors file's metadata (see :func:`read_header`)."""
-    raw = meta.get(HEADER_KEY)
-    if raw is None:
-        raise StateDictError(
-            f"{_where(src)} is not an emakit checkpoint: its header has no {HEADER_KEY!r} entry",
-            fix="To start an EMA from another library's checkpoint use "
-                "EMA.from_checkpoint(model, path); `emakit inspect FILE` shows what it holds.")
-    try:
-        header = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise StateDictError(f"{_where(src)}: header entry {HEADER_KEY!r} is not valid JSON "
-                             f"({exc})", fix="The file is corrupt.") from None
-    if not isinstance(header, dict) or header.get("kind") != KIND:
-        kind = header.get("kind") if isinstance(header, dict) else type(header).__name__
-        raise StateDictError(f"{_where(src)}: header entry {HEADER_KEY!r} has kind {kind!r}, "
-                             f"not {KIND!r}", fix="Is this an emakit EMA checkpoint?")
-    version = header.get("format_version")
-    if version not in READABLE_VERSIONS:
-        newer = isinstance(version, int) and version > max(READABLE_VERSIONS)
-        raise StateDictError(
-            f"{_where(src)}: unknown format_version {version!r}; this emakit reads "
-            f"format_version {', '.join(map(str, READABLE_VERSIONS))}",
-            fix=f"Upgrade emakit to read it (written by emakit "
-                f"{header.get('emakit_version', '?')})." if newer else "The file is corrupt.")
-    absent = [k for k in (*_SETTINGS, "shadow_dtypes") if k not in header]
-    if absent:
-        raise StateDictError(f"{_where(src)}: the header lacks the keys {absent}",
-                             fix="The file is corrupt or was not written by emakit.save.")
-    return header
-
-
-def read_state(path: str | os.PathLike[str], *,
-               framework: str | None = None) -> dict[str, Any]:
+def read_state(path: str | os.PathLike[str], *, framework: str | None = None,
+               verify: bool = True) -> dict[str, Any]:
     """Read an emakit checkpoint into a dict in the layout of :meth:`EMA.state_dict`.
 
     Args:
         path: a file written by :func:`save`.
-        framework: ``"torch"`` or ``"numpy"`` tensors (default: the backend that wrote it).
+        framework: ``"torch"`` or ``"numpy"`` tensors (default: the backend that wrote it,
+            numpy where torch is not installed).
+        verify: check the CRC-32 of the header and of every tensor where the file records
+            them (about 0.15 s per GB); False skips it, for huge files.
 
     Returns:
         The state, for :meth:`EMA.load_state_dict` (and the header under ``"header"``).
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        StateDictError: if it is not a complete emakit checkpoint of a known version, naming
-            the file and the key.
+        StateDictError: if it is not a complete emakit checkpoint of a known version, or is
+            damaged (a checksum differs), naming the file and the key or tensor.
     """
     src = Path(path)
-    header = read_header(src)
+    header = read_header(src, verify=verify)
     if framework is None:
-        framework = "torch" if header["backend"] == "torch" else "numpy"
+        import importlib.util
+
+        torch_ok = importlib.util.find_spec("torch") is not None
+        framework = "torch" if header["backend"] == "torch" and torch_ok else "numpy"
     try:
         tensors, _ = read_weights(src, framework=framework)
     except ValueError as exc:
         raise StateDictError(str(exc), fix="Is the file truncated or corrupt?") from None
-    return state_from(src, header, tensors)
+    return state_from(src, header, tensors, verify=verify)
 
 
-def state_from(src: Path, header: Mapping[str, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
+def _verify(src: Path, header: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
+    from emakit.io.safetensors_stream import crc32, raw_bytes
+
+    stored = header["checksums"]["tensors"]
+    for name in header["actions"]:
+        if name not in stored:
+            raise StateDictError(f"{_where(src)}: the header records no checksum for tensor "
+                                 f"{name!r}", fix="The file is corrupt or was edited.")
+        got = crc32(raw_bytes(tensors[name], name).data)
+        if got != stored[name]:
+            raise StateDictError(
+                f"{_where(src)}: tensor {name!r} does not match its checksum (crc32 stored "
+                f"{stored[name]}, computed {got})",
+                fix="The file is damaged: restore it from a copy (verify=False reads it anyway).")
+
+
+def state_from(src: Path, header: Mapping[str, Any], tensors: Mapping[str, Any], *,
+               verify: bool = True) -> dict[str, Any]:
     """The state (as :func:`read_state` returns it) from a file's header and tensors, checked.
 
+    Args:
+        src: the file (for messages).
+        header: its header, from :func:`parse_header`.
+        tensors: its tensors by name.
+        verify: compare every tensor with its CRC-32 where the header records them.
+
     Raises:
-        StateDictError: the tensors do not match the header (names, dtypes), naming the keys.
+        StateDictError: the tensors do not match the header (names, dtypes, checksums), naming
+            the keys.
     """
     dtypes = header["shadow_dtypes"]
     names = list(header["actions"])
@@ -211,16 +278,17 @@ def state_from(src: Path, header: Mapping[str, Any], tensors: Mapping[str, Any])
         raise StateDictError(f"{_where(src)}: the tensors do not match the header",
                              missing=missing, unexpected=unexpected, mismatched=mismatched,
                              fix="The file is corrupt or was edited.")
-    state: dict[str, Any] = {k: header[k] for k in _SETTINGS}
+    if verify and "checksums" in header:
+        _verify(src, header, tensors)
+    state: dict[str, Any] = {k: v for k, v in header.items() if k not in _FILE_ONLY}
     state["format_version"] = FORMAT_VERSION
     state["shadows"] = {n: tensors[n] for n in names}
-    if "nonfinite_skips" in header:
-        state["nonfinite_skips"] = header["nonfinite_skips"]
     state["header"] = dict(header)
     return state
 
 
-def load(path: str | os.PathLike[str], ema: EMA, *, strict: bool = True) -> LoadResult:
+def load(path: str | os.PathLike[str], ema: EMA, *, strict: bool = True,
+         verify: bool = True) -> LoadResult:
     """Load an emakit checkpoint into ``ema``; check everything first, change nothing on error.
 
     The same rules as :meth:`EMA.load_state_dict`: shadows matched by name and copied into
@@ -230,20 +298,22 @@ def load(path: str | os.PathLike[str], ema: EMA, *, strict: bool = True) -> Load
         path: a file written by :func:`save`.
         ema: the EMA to load into.
         strict: raise on missing or unexpected names; otherwise load the common ones.
+        verify: check the CRC-32 of the header and of every tensor where the file records
+            them; False skips it (for huge files you trust).
 
     Returns:
         A :class:`~emakit.LoadResult`.
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        StateDictError: the file is not a complete emakit checkpoint of a known version, or
-            does not fit ``ema`` (names, shapes, dtypes); the message names the file and keys.
+        TypeError: ``ema`` is not an :class:`~emakit.EMA` (e.g. the arguments are swapped).
+        StateDictError: the file is not a complete emakit checkpoint of a known version, is
+            damaged, or does not fit ``ema`` (names, shapes, dtypes); the message names the
+            file and keys.
     """
     if not isinstance(ema, EMA):
-        raise TypeError(f"ema must be an emakit.EMA, got {type(ema).__name__}. "
-                        "Usage: emakit.load(path, ema).")
-    framework = "torch" if ema._backend.name == "torch" else "numpy"
-    state = read_state(path, framework=framework)
+        raise _wrong_ema("load", path, ema)
+    state = read_state(path, verify=verify)
     state.pop("header")
     try:
         return ema.load_state_dict(state, strict=strict)

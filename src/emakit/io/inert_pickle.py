@@ -13,6 +13,11 @@ was given and does nothing else: nothing is imported, nothing is called. A pickl
 back as an ``Inert`` whose ``state`` holds ``_parameters``, ``_buffers`` and ``_modules``, which
 :func:`module_tensors` walks.
 
+The work is bounded by the file's size: the pickle's opcodes are scanned first
+(:func:`check_opcodes`: no memo index beyond the opcodes read, no length beyond the data), torch's
+lazily imported submodules are never touched by name lookups, and :func:`module_tensors` visits
+each module once, without recursion.
+
 Example:
     >>> import io, pickle
     >>> payload = pickle.dumps({"ok": 1})
@@ -25,9 +30,10 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import pickle
+import pickletools
 from typing import IO, Any
 
-__all__ = ["Inert", "Unpickler", "load", "module_tensors"]
+__all__ = ["Inert", "Unpickler", "check_opcodes", "load", "looks_like_module", "module_tensors"]
 
 _SAFE_BUILTINS = {
     ("collections", "OrderedDict"): collections.OrderedDict,
@@ -105,14 +111,56 @@ def _allowed(module: str, name: str) -> Any:
     if module == "torch":
         import torch
 
-        value = getattr(torch, name, None)
+        # vars(), not getattr(): torch imports submodules lazily on attribute access
+        # (``torch._dynamo`` alone pulls in hundreds of modules); a dtype is a plain attribute
+        value = vars(torch).get(name)
         if isinstance(value, torch.dtype) or value is torch.Size or value is torch.device:
             return value
     return None
 
 
+_MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def check_opcodes(file: IO[bytes]) -> None:
+    """Read one pickle's opcodes from ``file`` (without building anything) and bound its work.
+
+    A memo index may not exceed the number of opcodes before it (a pickler numbers its memo
+    entries in order; the C unpickler allocates up to the index), and every length-prefixed
+    argument must be present in the data (the C unpickler allocates the claimed length first).
+
+    Raises:
+        pickle.UnpicklingError: naming the opcode, its position and why.
+    """
+    count = 0
+    try:
+        for opcode, arg, pos in pickletools.genops(file):
+            count += 1
+            if opcode.name in _MEMO_OPS and isinstance(arg, int) and arg > count:
+                raise pickle.UnpicklingError(
+                    f"{opcode.name} at byte {pos} stores memo index {arg:,} after only "
+                    f"{count:,} opcodes (a hostile or corrupt pickle)")
+    except (ValueError, EOFError) as exc:  # truncated argument, unknown opcode, no STOP
+        raise pickle.UnpicklingError(f"malformed pickle after {count:,} opcodes: {exc}"
+                                     ) from None
+
+
 class Unpickler(pickle.Unpickler):
-    """A ``pickle.Unpickler`` that resolves only allow-listed globals (see the module doc)."""
+    """A ``pickle.Unpickler`` that resolves only allow-listed globals (see the module doc).
+
+    Before unpickling, :func:`check_opcodes` scans the pickle (the stream must be seekable, as
+    ``torch.load`` gives it), so a few hostile bytes cannot make it allocate gigabytes.
+    """
+
+    def __init__(self, file: IO[bytes], **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self._file = file
+
+    def load(self) -> Any:
+        start = self._file.tell()
+        check_opcodes(self._file)
+        self._file.seek(start)
+        return super().load()
 
     def find_class(self, module: str, name: str) -> Any:
         # Python 2 names (torch.save writes protocol 2, which spells builtins "__builtin__")
@@ -131,8 +179,28 @@ def load(file: IO[bytes], **kwargs: Any) -> Any:
     return Unpickler(file, **kwargs).load()
 
 
+def _module_state(obj: Any) -> dict[str, Any] | None:
+    state = obj.state if isinstance(obj, Inert) else getattr(obj, "__dict__", None)
+    if isinstance(state, tuple) and len(state) == 2:
+        state = state[0]  # (dict_state, slot_state)
+    return state if isinstance(state, dict) else None
+
+
+def _entries(value: Any) -> list[tuple[Any, Any]]:
+    """The ``(name, item)`` pairs of a pickled ``_parameters`` / ``_modules`` dict."""
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, Inert):  # an OrderedDict subclass pickled by reference
+        return list(value.items.items())
+    return []
+
+
 def module_tensors(obj: Any, prefix: str = "") -> dict[str, Any]:
     """The state dict (parameters and persistent buffers, by dotted name) of a pickled module.
+
+    Each submodule is visited once, under the first name it is reached by (as
+    ``named_modules()`` does), so the work is linear in the pickle's size even when modules are
+    shared along many paths or contain themselves.
 
     Args:
         obj: an :class:`Inert` standing for an ``nn.Module`` (or a real module).
@@ -141,20 +209,27 @@ def module_tensors(obj: Any, prefix: str = "") -> dict[str, Any]:
     Returns:
         ``name -> tensor`` in the module's order, as ``module.state_dict()`` would give.
     """
-    state = obj.state if isinstance(obj, Inert) else getattr(obj, "__dict__", None)
-    if isinstance(state, tuple) and len(state) == 2:
-        state = state[0]  # (dict_state, slot_state)
-    if not isinstance(state, dict):
-        return {}
     out: dict[str, Any] = {}
-    skip = set(state.get("_non_persistent_buffers_set") or ())
-    for kind in ("_parameters", "_buffers"):
-        for name, value in (state.get(kind) or {}).items():
-            if value is not None and not (kind == "_buffers" and name in skip):
-                out[prefix + name] = value
-    for name, child in (state.get("_modules") or {}).items():
-        if child is not None:
-            out.update(module_tensors(child, f"{prefix}{name}."))
+    seen: set[int] = set()
+    stack = [(obj, prefix)]
+    while stack:
+        module, where = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        state = _module_state(module)
+        if state is None:
+            continue
+        skip = state.get("_non_persistent_buffers_set")
+        skip = set(skip) if isinstance(skip, (set, frozenset, list, tuple)) else set()
+        for kind in ("_parameters", "_buffers"):
+            for name, value in _entries(state.get(kind)):
+                if isinstance(name, str) and value is not None and not (
+                        kind == "_buffers" and name in skip):
+                    out[where + name] = value
+        children = [(c, f"{where}{n}.") for n, c in _entries(state.get("_modules"))
+                    if isinstance(n, str) and c is not None]
+        stack.extend(reversed(children))  # depth first, in the module's order
     return out
 
 

@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -48,9 +49,10 @@ from typing import Any, Literal
 
 from emakit import schedules
 from emakit.backends import backend_for
+from emakit.errors import StateDictError
 from emakit.io import inert_pickle
 
-__all__ = ["LAYOUTS", "EMACheckpoint", "read_checkpoint"]
+__all__ = ["EXPANSION", "LAYOUTS", "EMACheckpoint", "read_checkpoint"]
 
 LAYOUTS = ("emakit", "timm", "lightning", "ema-pytorch", "diffusers", "torch-ema",
            "ultralytics", "averaged-model", "plain")
@@ -76,6 +78,8 @@ class EMACheckpoint:
         notes: facts worth telling the user (what is not recorded, how names were found).
         model_dtypes: name -> dtype name of the model's tensors, when recorded (emakit files),
             so an export can be cast back to the model's dtypes.
+        empty: True when there is no average yet (``init="zeros"`` saved before its first
+            update): the weights are zeros, not an average.
     """
 
     layout: str
@@ -89,6 +93,7 @@ class EMACheckpoint:
     state: dict[str, Any] | None = None
     notes: tuple[str, ...] = ()
     model_dtypes: dict[str, str] | None = None
+    empty: bool = False
 
 
 def _is_tensor(x: object) -> bool:
@@ -96,12 +101,40 @@ def _is_tensor(x: object) -> bool:
 
 
 def _int(x: object) -> int | None:
-    if x is None:
+    """``x`` as an int where it is one (a 0-d integer tensor too), else None (not recorded)."""
+    if x is None or isinstance(x, bool):
         return None
-    try:
-        return int(x)  # type: ignore[call-overload,no-any-return]
-    except (TypeError, ValueError):
-        return None
+    if isinstance(x, str):  # metadata of a weight file: decimal digits
+        return int(x) if x.isdecimal() and len(x) <= 19 else None
+    if _is_tensor(x) and getattr(x, "ndim", None) == 0:
+        x = x.item()  # type: ignore[attr-defined]
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def _float(x: object, path: str, where: str, key: str) -> float:
+    """``x`` as a finite float (a 0-d tensor too); otherwise a StateDictError naming ``key``."""
+    if _is_tensor(x) and getattr(x, "ndim", None) == 0:
+        x = x.item()  # type: ignore[attr-defined]
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise StateDictError(f"{path!r}{where}: {key!r} must be a finite number, got "
+                             f"{_short(x)}", fix="The file is corrupt or was edited.")
+    return float(x)
+
+
+def _flag(x: object) -> bool | None:
+    """A recorded boolean (a bool, or a one-element tensor); None when it is neither."""
+    if isinstance(x, bool):
+        return x
+    if _is_tensor(x):
+        numel = x.numel if callable(getattr(x, "numel", None)) else None  # type: ignore[attr-defined]
+        if (numel() if numel else getattr(x, "size", 0)) == 1:
+            return bool(x.reshape(-1)[0])  # type: ignore[attr-defined]
+    return None
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value) if not _is_tensor(value) else f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _torch_load(src: Path) -> Any:
@@ -124,21 +157,32 @@ def _torch_load(src: Path) -> Any:
 
 
 def _open(src: Path, framework: str | None) -> tuple[Any, dict[str, str]]:
-    """The file's top-level object and (safetensors) metadata."""
-    from emakit.io.weights import _read_safetensors, read_weights
+    """The file's top-level object and its metadata (safetensors, or emakit's ``.pt``)."""
+    from emakit.io.sniff import file_kind
+    from emakit.io.weights import _read_safetensors, pt_weights, read_npz
 
-    with open(src, "rb") as f:
-        head = f.read(9)
-    if src.suffix.lower() == ".safetensors" or head[8:9] == b"{":
+    kind = file_kind(src)
+    if kind == "a safetensors file" or src.suffix.lower() == ".safetensors":
         return _read_safetensors(src, framework)
-    if src.suffix.lower() == ".npz":
-        return read_weights(src)
-    return _torch_load(src), {}
+    if kind == "a numpy .npz archive":
+        return read_npz(src)
+    if not (kind.startswith(("a torch.save", "a Python pickle", "a zip archive"))):
+        raise ValueError(f"{str(src)!r} is not a checkpoint emakit can read: it is {kind}. "
+                         "emakit reads safetensors files, torch.save checkpoints and .npz "
+                         "archives.")
+    obj = _torch_load(src)
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        return pt_weights(obj)  # emakit's own .pt (metadata as an attribute) or any dict
+    return obj, {}
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, names: Any = None,
-                    framework: str | None = None) -> EMACheckpoint:
+                    framework: str | None = None, verify: bool = True) -> EMACheckpoint:
     """Open ``path``, detect its EMA layout and return the EMA weights it holds.
+
+    The work is bounded by the file's size: a tensor with more elements than its storage
+    (expanded or overlapping strides) is refused, and so is a file whose tensors, counted under
+    all their names, would hold more than :data:`EXPANSION` times the file's bytes.
 
     Args:
         path: a checkpoint file (``.safetensors``, ``.npz`` or a torch file of any suffix).
@@ -147,6 +191,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, names: Any = None,
             is the order ``model.parameters()`` gave those libraries).
         framework: ``"torch"`` or ``"numpy"`` for safetensors files (default torch when
             installed).
+        verify: for emakit files, check the CRC-32 of the header and of every tensor.
 
     Returns:
         An :class:`EMACheckpoint`.
@@ -154,29 +199,42 @@ def read_checkpoint(path: str | os.PathLike[str], *, names: Any = None,
     Raises:
         FileNotFoundError: if the file does not exist.
         ValueError: if the file cannot be read or holds no EMA this function knows, naming
-            the file, what it found and the known layouts.
+            the file, what it found and the known layouts; a malformed or damaged file is a
+            :class:`~emakit.StateDictError` naming the file and the key.
     """
     src = Path(path)
     if not src.is_file():
         raise FileNotFoundError(f"no such checkpoint: {str(src)!r}")
     obj, meta = _open(src, framework)
-    from emakit.io.checkpoint import HEADER_KEY
+    found = _find(src, obj, meta, names, verify)
+    _check_weights(src, found)
+    return found
+
+
+def _find(src: Path, obj: Any, meta: Mapping[str, str], names: Any,
+          verify: bool) -> EMACheckpoint:
+    from emakit.io.header import HEADER_KEY
 
     if HEADER_KEY in meta:  # an emakit.save file: check it with the tensors already read
-        from emakit.io.checkpoint import parse_header, state_from
+        from emakit.io.checkpoint import state_from
+        from emakit.io.header import parse_header
 
-        state = state_from(src, parse_header(src, meta), obj)
+        state = state_from(src, parse_header(src, meta, verify=verify), obj, verify=verify)
         header = state.pop("header")
-        own = _emakit(str(src), "", state, header=header)
+        own = _emakit(str(src), "", state, checked=True)
+        sums = ("checksums: crc32 of the header and every tensor, " +
+                ("verified" if verify else "not verified (verify=False)")
+                if "checksums" in header else
+                "no checksums (written before emakit recorded them)")
         return dataclasses.replace(own, notes=(
             f"written by emakit {header.get('emakit_version', '?')}, format_version "
-            f"{header['format_version']}", *own.notes))
+            f"{header['format_version']}", sums, *own.notes))
     param_names = _param_names(names)
-    found = _detect(str(src), "", obj, param_names)
+    found = _detect_safely(str(src), "", obj, param_names)
     if found is None and isinstance(obj, Mapping):
         keys = sorted((k for k in obj if isinstance(k, str)), key=lambda k: "ema" not in k.lower())
         for key in keys:
-            found = _detect(str(src), f"[{key!r}]", obj[key], param_names)
+            found = _detect_safely(str(src), f"[{key!r}]", obj[key], param_names)
             if found is not None:
                 break
     if found is None and isinstance(obj, Mapping) and obj and all(
@@ -195,6 +253,63 @@ def read_checkpoint(path: str | os.PathLike[str], *, names: Any = None,
     return found
 
 
+EXPANSION = 4
+"""How many times its own size a file's tensors may hold, counted under all their names (tied
+weights count twice; more means one storage is read under many names or views)."""
+
+
+def _check_weights(src: Path, found: EMACheckpoint) -> None:
+    """Every weight is a dense tensor within its storage; all of them within the file's size."""
+    where = f"{str(src)!r}{found.where}"
+    total = 0
+    for name, value in found.weights.items():
+        if not _dense(value):
+            raise StateDictError(f"{where}: entry {name!r} is not a dense tensor, got "
+                                 f"{_short(value)} ({type(value).__name__})",
+                                 fix="The file is corrupt or not an EMA checkpoint.")
+        if type(value).__module__.startswith("torch"):
+            size = value.element_size()
+            storage = value.untyped_storage().nbytes() // max(size, 1)
+            if value.numel() > storage:
+                raise StateDictError(
+                    f"{where}: tensor {name!r} has {value.numel():,} elements but its storage "
+                    f"holds {storage:,} (expanded or overlapping strides)",
+                    fix="emakit refuses such tensors: they can make a tiny file expand to any "
+                        "size. Save the tensor with .contiguous() (a real copy) instead.")
+            total += value.numel() * size
+        else:
+            total += int(value.nbytes)
+    limit = EXPANSION * src.stat().st_size + 2**20
+    if total > limit:
+        raise StateDictError(
+            f"{where}: the tensors take {total:,} bytes under their {len(found.weights):,} "
+            f"names, more than {EXPANSION}x the file's {src.stat().st_size:,} bytes (one "
+            "storage under many names or views)",
+            fix="emakit refuses to expand a file that much; save each tensor once.")
+
+
+def _dense(value: Any) -> bool:
+    """A numpy array, or a strided torch tensor with data (not sparse, not on "meta")."""
+    if backend_for(value) is None:
+        return False
+    if not type(value).__module__.startswith("torch"):
+        return True
+    return str(value.layout) == "torch.strided" and value.device.type != "meta"
+
+
+def _detect_safely(path: str, where: str, obj: Any,
+                   names: list[str] | None) -> EMACheckpoint | None:
+    """:func:`_detect`, with a malformed entry reported as a StateDictError (file and key)."""
+    try:
+        return _detect(path, where, obj, names)
+    except (TypeError, AttributeError, KeyError, IndexError, OverflowError, RuntimeError,
+            RecursionError) as exc:
+        raise StateDictError(
+            f"{path!r}{where}: a malformed entry ({type(exc).__name__}: "
+            f"{_short(str(exc), 120)})", fix="The file is corrupt or not an EMA checkpoint."
+        ) from None
+
+
 def _param_names(names: Any) -> list[str] | None:
     if names is None:
         return None
@@ -207,21 +322,57 @@ def _param_names(names: Any) -> list[str] | None:
     return [str(n) for n in names]
 
 
-def _emakit(path: str, where: str, state: dict[str, Any],
-            header: Mapping[str, Any] | None = None) -> EMACheckpoint:
+def _emakit(path: str, where: str, state: dict[str, Any], *,
+            checked: bool = False) -> EMACheckpoint:
+    """The EMA in an emakit state (``checked``: its fields were checked with the header)."""
+    if not checked:
+        from emakit.io.header import READABLE_VERSIONS, check_fields
+
+        version = state["format_version"]
+        if type(version) is not int or version not in READABLE_VERSIONS:
+            raise StateDictError(f"{path!r}{where}: state key 'format_version' must be the int "
+                                 f"{' or '.join(map(str, READABLE_VERSIONS))}, got "
+                                 f"{_short(version)}",
+                                 fix="Upgrade emakit if a newer one wrote it." if
+                                 type(version) is int else "The file is corrupt or was edited.")
+        check_fields(f"{path!r}{where}", state)
+        shadows = state.get("shadows")
+        if not isinstance(shadows, Mapping) or not all(isinstance(k, str) for k in shadows):
+            raise StateDictError(f"{path!r}{where}: state key 'shadows' must map names to "
+                                 f"tensors, got {type(shadows).__name__}",
+                                 fix="The file is corrupt or was edited.")
     weights = dict(state["shadows"])
+    actions = state["actions"]
     notes = []
-    if state.get("init") == "zeros" and state.get("decay_product", 1.0) != 0.0:
-        divisor = 1.0 - float(state["decay_product"])
-        actions = state.get("actions") or {}
-        if divisor > 0:
-            weights = {n: (t / divisor if actions.get(n) == "average" else t)
+    empty = False
+    if state["init"] == "zeros":
+        products = state.get("decay_products") or {}
+        divisors = {n: 1.0 - float(products.get(n, state["decay_product"]))
+                    for n in weights if actions.get(n) == "average"}
+        if any(d <= 0.0 for d in divisors.values()):
+            empty = True
+            notes.append("init='zeros' and no update yet: there is no average (the shadows "
+                         "are zeros)")
+        elif any(d != 1.0 for d in divisors.values()):
+            weights = {n: (t / divisors[n] if n in divisors and divisors[n] != 1.0 else t)
                        for n, t in weights.items()}
             notes.append("init='zeros': weights are bias-corrected")
-    model_dtypes = dict(header["source_dtypes"]) if header and "source_dtypes" in header else None
-    return EMACheckpoint("emakit", path, where, weights, step=_int(state.get("step")),
-                         num_updates=_int(state.get("num_updates")), decay=state.get("decay"),
-                         state=state, notes=tuple(notes), model_dtypes=model_dtypes)
+    for alias, name in (state.get("aliases") or {}).items():
+        if name in weights and alias not in weights:
+            weights[alias] = weights[name]  # a tied weight's second name carries the average
+    recorded = state.get("source_dtypes")
+    model_dtypes = dict(recorded) if recorded else None
+    if model_dtypes is None:
+        notes.append("the model's dtypes are not recorded (a state saved before emakit "
+                     "recorded them): an export writes the stored (shadow) dtypes")
+    elif state.get("aliases"):
+        for alias, name in state["aliases"].items():
+            if name in model_dtypes:
+                model_dtypes.setdefault(alias, model_dtypes[name])
+    return EMACheckpoint("emakit", path, where, weights, step=state["step"],
+                         num_updates=state["num_updates"], decay=state["decay"],
+                         state=state, notes=tuple(notes), model_dtypes=model_dtypes,
+                         empty=empty)
 
 
 def _shadow_list(path: str, where: str, layout: str, params: Any,
@@ -248,10 +399,11 @@ def _detect(path: str, where: str, obj: Any, names: list[str] | None) -> EMAChec
         return EMACheckpoint("timm", path, where + "['state_dict_ema']",
                              dict(obj["state_dict_ema"]), notes=(
                                  "timm records neither the step nor the decay (epoch: "
-                                 f"{obj.get('epoch', '?')})",))
+                                 f"{_short(obj.get('epoch', '?'))})",))
     if isinstance(obj.get("current_model_state"), Mapping) and isinstance(
             obj.get("state_dict"), Mapping):
-        averaging = obj.get("averaging_state") or {}
+        averaging = obj.get("averaging_state")
+        averaging = averaging if isinstance(averaging, Mapping) else {}
         return EMACheckpoint("lightning", path, where + "['state_dict']",
                              dict(obj["state_dict"]), step=_int(obj.get("global_step")),
                              num_updates=_int(averaging.get("n_averaged")),
@@ -262,7 +414,7 @@ def _detect(path: str, where: str, obj: Any, names: list[str] | None) -> EMAChec
     if ema_keys and ("initted" in obj or "step" in obj):
         weights = {k[len("ema_model."):]: obj[k] for k in ema_keys}
         notes = ["ema-pytorch records its update count (step) but not the decay"]
-        if "initted" in obj and not bool(obj["initted"]):
+        if "initted" in obj and _flag(obj["initted"]) is False:
             notes.append("initted is False: the average was never updated")
         return EMACheckpoint("ema-pytorch", path, where, weights, step=_int(obj.get("step")),
                              notes=tuple(notes))
@@ -299,11 +451,23 @@ def _shadow_layout(path: str, where: str, obj: Mapping[str, Any],
         step = _int(obj["optimization_step"])
         decay = None
         if obj.get("use_ema_warmup"):
-            decay = schedules.InverseGamma(
-                inv_gamma=float(obj.get("inv_gamma", 1.0)), power=float(obj.get("power", 2 / 3)),
-                min_decay=float(obj.get("min_decay", 0.0)),
-                max_decay=float(obj.get("decay", 0.9999)),
-                update_after_step=int(obj.get("update_after_step", 0))).to_dict()
+            def number(key: str, default: float) -> float:
+                return _float(obj.get(key, default), path, where, key)
+
+            after = _int(obj.get("update_after_step", 0))
+            if after is None or after < 0:
+                raise StateDictError(f"{path!r}{where}: 'update_after_step' must be an int "
+                                     f">= 0, got {_short(obj.get('update_after_step'))}",
+                                     fix="The file is corrupt or was edited.")
+            try:
+                decay = schedules.InverseGamma(
+                    inv_gamma=number("inv_gamma", 1.0), power=number("power", 2 / 3),
+                    min_decay=number("min_decay", 0.0), max_decay=number("decay", 0.9999),
+                    update_after_step=after).to_dict()
+            except ValueError as exc:
+                raise StateDictError(f"{path!r}{where}: the diffusers decay settings are not "
+                                     f"valid ({exc})", fix="The file is corrupt or was edited."
+                                     ) from None
         else:
             notes.append("diffusers without use_ema_warmup uses (1+s)/(10+s) with an offset, "
                          "which no emakit schedule matches exactly: pass decay=")
@@ -313,8 +477,13 @@ def _shadow_layout(path: str, where: str, obj: Mapping[str, Any],
     if "decay" in obj and "num_updates" in obj:
         weights = _shadow_list(path, where, "torch-ema", obj["shadow_params"], names)
         updates = _int(obj["num_updates"])
-        d = float(obj["decay"])
-        decay = (schedules.Constant(d) if updates is None else schedules.TFWarmup(d)).to_dict()
+        d = _float(obj["decay"], path, where, "decay")
+        try:
+            decay = (schedules.Constant(d) if updates is None else
+                     schedules.TFWarmup(d)).to_dict()
+        except ValueError as exc:
+            raise StateDictError(f"{path!r}{where}: 'decay' is not a valid decay ({exc})",
+                                 fix="The file is corrupt or was edited.") from None
         return EMACheckpoint("torch-ema", path, where + "['shadow_params']", weights,
                              step=updates, num_updates=updates, decay=decay, scope="parameters",
                              notes=tuple(notes))
