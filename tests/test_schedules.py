@@ -1,8 +1,9 @@
 import json
 import math
+from fractions import Fraction
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emakit import schedules as S
@@ -130,3 +131,128 @@ def test_every_schedule_stays_in_unit_interval(schedule, t):
 def test_bad_arguments_name_the_argument(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+# ------------------------------------------------------------------------ long gaps (interval)
+def _in_order(schedule, a, b):
+    product = 1.0
+    for t in range(a + 1, b + 1):
+        product *= schedule(t)
+        if product == 0.0:
+            break
+    return product
+
+
+WARMUPS = ALL[1:]  # Constant's interval has always been decay ** k
+
+
+@given(st.sampled_from(WARMUPS), st.integers(0, 10**6), st.integers(0, 300))
+def test_short_gaps_multiply_in_order_bit_for_bit(schedule, a, gap):
+    """Up to EXACT_STEPS the product is the in-order loop it always was (bitwise resume)."""
+    assert schedule.interval(a, a + gap) == _in_order(schedule, a, a + gap)
+
+
+@pytest.mark.parametrize("schedule", WARMUPS, ids=lambda s: s.kind)
+def test_the_exact_threshold_is_the_in_order_loop(schedule):
+    for a in (0, 7, 123_456):
+        assert schedule.interval(a, a + S.EXACT_STEPS) == _in_order(schedule, a, a + S.EXACT_STEPS)
+
+
+_LONG = st.one_of(
+    st.builds(S.InverseGamma, inv_gamma=st.floats(0.1, 1e4), power=st.floats(0.2, 3.0),
+              min_decay=st.floats(0.0, 0.5), max_decay=st.floats(0.9999, 1.0),
+              update_after_step=st.integers(0, 10)),
+    st.builds(S.TFWarmup, decay=st.floats(0.9999, 1.0)),
+    st.builds(S.ExponentialRamp, decay=st.floats(0.99999, 1.0), tau=st.floats(1.0, 1e5)),
+    st.builds(S.PowerFunction, gamma=st.floats(-0.99, 30.0)),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_LONG, st.integers(0, 10**6), st.integers(S.EXACT_STEPS + 1, 60_000))
+def test_long_gaps_match_the_float64_product(schedule, a, gap):
+    """Oracle: exp of the float64 sum (fsum) of log d_t over every step. Tolerance: 1e-12
+    relative, plus 2^-53 per step -- the rounding of each per-step decay, which the in-order
+    product carries too (a closed form is closer to the exact real product than either)."""
+    b = a + gap
+    logs = [math.log(d) if d > 0 else -math.inf for d in (schedule(t) for t in range(a + 1, b + 1))]
+    want = 0.0 if -math.inf in logs else math.exp(math.fsum(logs))
+    got = schedule.interval(a, b)
+    assert 0.0 <= got <= 1.0
+    assert got == pytest.approx(want, rel=1e-12 + gap * 2.0**-53, abs=1e-300)
+
+
+def test_huge_gaps_have_closed_forms():
+    """Gaps no loop could walk (10^9 to 10^15 steps), against exact or high-precision values."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 40
+    a, b = 10**12, 10**12 + 10**9
+    # TFWarmup without a cap: prod (1+t)/(10+t) telescopes to 9 factors, exact in rationals
+    want = math.prod(Fraction(a + 1 + i, b + 1 + i) for i in range(1, 10))  # t = a+1 .. b
+    assert S.TFWarmup(1.0).interval(a, b) == pytest.approx(float(want), rel=1e-14)
+    assert S.TFWarmup(0.999).interval(a, b) == pytest.approx(0.999 ** (b - a), rel=1e-9)
+    # PowerFunction: (a/b)^(gamma+1)
+    for g in (0.0, 6.94, 16.97):
+        want = mp.power(mp.mpf(a) / b, g + 1)
+        assert S.PowerFunction(gamma=g).interval(a, b) == pytest.approx(float(want), rel=1e-13)
+    assert S.PowerFunction(gamma=1.0).interval(0, 10**15) == 0.0  # d_1 = 0
+    # InverseGamma and ExponentialRamp, where the ramp still moves: Euler-Maclaurin in mpmath
+    ig = S.InverseGamma(inv_gamma=1.0, power=2 / 3, max_decay=1.0)
+    want = mp.exp(mp.sumem(lambda t: mp.log(1 - (1 + (t - 1)) ** (-mp.mpf(2) / 3)), [a + 1, b]))
+    assert ig.interval(a, b) == pytest.approx(float(want), rel=1e-13)
+    er = S.ExponentialRamp(decay=1.0, tau=1e12)
+    want = mp.exp(mp.sumem(lambda t: mp.log(1 - mp.exp(-t / mp.mpf(1e12))), [a + 1, b]))
+    assert er.interval(a, b) == pytest.approx(float(want), rel=1e-12)
+    # the clamps: every step of the gap at max_decay / min_decay
+    s = S.InverseGamma(power=1.0, min_decay=0.5, max_decay=0.9)
+    assert s.interval(10**6, 10**6 + 10**9) == 0.9 ** 10**9 == 0.0
+    s = S.InverseGamma(inv_gamma=1e30, power=1.0, min_decay=0.999999999, max_decay=1.0)
+    assert s.interval(10, 10 + 10**9) == pytest.approx(0.999999999 ** 10**9, rel=1e-12)
+    assert S.InverseGamma(update_after_step=10**13).interval(0, 10**14) == 0.0  # copies first
+
+
+class Ramp(S.Schedule):
+    """A user's schedule without a closed form: d_t = t / (t + 1), counting its calls."""
+
+    kind = "Ramp"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, step):
+        self.calls += 1
+        return step / (step + 1)
+
+
+def test_user_schedules_get_a_bounded_documented_fallback():
+    r = Ramp()
+    a, b = 5, 10**12
+    got = r.interval(a, b)
+    assert r.calls < S.FALLBACK_STEPS + 64 * 64  # exact head, then 64 steps per doubling
+    # the product telescopes to (a + 1) / (b + 1); the sampled tail is documented to ~1e-4
+    # per doubling of the range
+    assert got == pytest.approx((a + 1) / (b + 1), rel=1e-3)
+    r = Ramp()
+    assert r.interval(a, a + S.FALLBACK_STEPS) == pytest.approx(
+        (a + 1) / (a + S.FALLBACK_STEPS + 1), rel=1e-9)  # all of it exact
+
+
+def test_an_update_after_a_huge_gap_is_immediate_and_exact():
+    np = pytest.importorskip("numpy")
+    import emakit
+
+    schedule = S.TFWarmup(1.0)
+    src = {"w": np.ones(2)}
+    ema = emakit.EMA(src, decay=schedule)
+    ema.update(step=1)
+    for w, step in ((2.0, 10**9), (3.0, 2 * 10**9)):  # not loops over 10^9 steps
+        before = ema.step
+        src["w"][:] = w
+        ema.update(step=step)
+        d = schedule.interval(before, step)
+        assert d == pytest.approx(
+            math.prod((before + 1 + i) / (step + 1 + i) for i in range(1, 10)), rel=1e-14)
+    assert ema.step == 2 * 10**9
+    d1, d2 = schedule.interval(1, 10**9), schedule.interval(10**9, 2 * 10**9)
+    want = d2 * (d1 * 1.0 + (1.0 - d1) * 2.0) + (1.0 - d2) * 3.0
+    np.testing.assert_allclose(ema.shadows["w"], want, rtol=1e-14)
