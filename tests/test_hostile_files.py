@@ -372,3 +372,20 @@ def test_hand_written_inert_pickle_is_bounded() -> None:
     bad = b"\x80\x02]r\xe8\x03\x00\x00."  # a list stored at memo index 1000
     with pytest.raises(pickle.UnpicklingError, match="memo index 1,000 after only 3 opcodes"):
         inert_pickle.Unpickler(io.BytesIO(bad)).load()
+
+
+def test_a_compressed_archive_cannot_expand_much(tmp_path: Path) -> None:
+    """A 20 MB array of zeros compressed into an .npz of a few KB is refused before reading."""
+    np.savez_compressed(tmp_path / "bomb.npz", w=np.zeros(5_000_000, dtype=np.float32))
+    assert (tmp_path / "bomb.npz").stat().st_size < 100_000
+
+    def read() -> None:
+        with pytest.raises(emakit.StateDictError, match=r"bomb\.npz': its zip members expand to "
+                                                        r"20,000,\d+ bytes, more than 4x"):
+            read_checkpoint(tmp_path / "bomb.npz")
+        with pytest.raises(ValueError, match=r"savez_compressed"):
+            emakit.io.read_weights(tmp_path / "bomb.npz")
+
+    assert _peak_bytes(read) < 5 * 2**20
+    np.savez_compressed(tmp_path / "fine.npz", w=np.random.default_rng(0).standard_normal(1000))
+    assert list(read_checkpoint(tmp_path / "fine.npz").weights) == ["w"]

@@ -51,8 +51,9 @@ from emakit import schedules
 from emakit.backends import backend_for
 from emakit.errors import StateDictError
 from emakit.io import inert_pickle
+from emakit.io.limits import EXPANSION, check_zip, limit
 
-__all__ = ["EXPANSION", "LAYOUTS", "EMACheckpoint", "read_checkpoint"]
+__all__ = ["LAYOUTS", "EMACheckpoint", "read_checkpoint"]
 
 LAYOUTS = ("emakit", "timm", "lightning", "ema-pytorch", "diffusers", "torch-ema",
            "ultralytics", "averaged-model", "plain")
@@ -143,6 +144,7 @@ def _torch_load(src: Path) -> Any:
     except ImportError as exc:
         raise ImportError(f"reading {str(src)!r} needs torch: pip install -c constraints.txt "
                           "'emakit[torch]'") from exc
+    check_zip(src)
     try:
         return torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -182,7 +184,8 @@ def read_checkpoint(path: str | os.PathLike[str], *, names: Any = None,
 
     The work is bounded by the file's size: a tensor with more elements than its storage
     (expanded or overlapping strides) is refused, and so is a file whose tensors, counted under
-    all their names, would hold more than :data:`EXPANSION` times the file's bytes.
+    all their names, would hold more than :data:`~emakit.io.limits.EXPANSION` times the file's
+    bytes (:mod:`emakit.io.limits`).
 
     Args:
         path: a checkpoint file (``.safetensors``, ``.npz`` or a torch file of any suffix).
@@ -253,11 +256,6 @@ def _find(src: Path, obj: Any, meta: Mapping[str, str], names: Any,
     return found
 
 
-EXPANSION = 4
-"""How many times its own size a file's tensors may hold, counted under all their names (tied
-weights count twice; more means one storage is read under many names or views)."""
-
-
 def _check_weights(src: Path, found: EMACheckpoint) -> None:
     """Every weight is a dense tensor within its storage; all of them within the file's size."""
     where = f"{str(src)!r}{found.where}"
@@ -279,8 +277,7 @@ def _check_weights(src: Path, found: EMACheckpoint) -> None:
             total += value.numel() * size
         else:
             total += int(value.nbytes)
-    limit = EXPANSION * src.stat().st_size + 2**20
-    if total > limit:
+    if total > limit(src.stat().st_size):
         raise StateDictError(
             f"{where}: the tensors take {total:,} bytes under their {len(found.weights):,} "
             f"names, more than {EXPANSION}x the file's {src.stat().st_size:,} bytes (one "

@@ -175,11 +175,15 @@ def read_npz(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, st
     """``(arrays, metadata)`` of an ``.npz`` archive (whatever its suffix), without unpickling.
 
     Raises:
-        ValueError: not a readable ``.npz`` archive (naming the file and why).
+        ValueError: not a readable ``.npz`` archive (naming the file and why), or one that
+            decompresses to more than :func:`emakit.io.limits.limit` of its size.
     """
     import numpy as np
 
+    from emakit.io.limits import check_zip
+
     src = Path(path)
+    check_zip(src)
     try:
         with np.load(src, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
