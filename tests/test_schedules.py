@@ -164,7 +164,7 @@ _LONG = st.one_of(
               update_after_step=st.integers(0, 10)),
     st.builds(S.TFWarmup, decay=st.floats(0.9999, 1.0)),
     st.builds(S.ExponentialRamp, decay=st.floats(0.99999, 1.0), tau=st.floats(1.0, 1e5)),
-    st.builds(S.PowerFunction, gamma=st.floats(-0.99, 30.0)),
+    st.builds(S.PowerFunction, gamma=st.floats(0.0, 30.0)),
 )
 
 
@@ -256,3 +256,42 @@ def test_an_update_after_a_huge_gap_is_immediate_and_exact():
     d1, d2 = schedule.interval(1, 10**9), schedule.interval(10**9, 2 * 10**9)
     want = d2 * (d1 * 1.0 + (1.0 - d1) * 2.0) + (1.0 - d2) * 3.0
     np.testing.assert_allclose(ema.shadows["w"], want, rtol=1e-14)
+
+
+# ------------------------------------------------------------- PowerFunction: weights, range
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 3.7, 16.97])
+def test_power_function_weighs_steps_exactly_by_differences_of_powers(gamma):
+    """After T steps step s holds (s^(g+1) - (s-1)^(g+1)) / T^(g+1): checked against the
+    brute-force float64 products (1 - d_s) prod_{u>s} d_u; s^g is only the large-s limit."""
+    from emakit.window import step_weights
+
+    s_, t_end = S.PowerFunction(gamma=gamma), 200
+    d = [s_(u) for u in range(1, t_end + 1)]
+    brute = [(1 - d[s - 1]) * math.prod(d[s:]) for s in range(1, t_end + 1)]
+    exact = [(s ** (gamma + 1) - (s - 1) ** (gamma + 1)) / t_end ** (gamma + 1)
+             for s in range(1, t_end + 1)]
+    assert brute == pytest.approx(exact, rel=1e-12, abs=1e-300)
+    w = step_weights(s_, t_end)
+    assert w.initial == 0.0 and w.weights.tolist() == pytest.approx(exact, rel=1e-12, abs=1e-300)
+    assert math.fsum(exact) == pytest.approx(1.0, rel=1e-14)
+    # proportional to s^gamma only asymptotically: the ratio is 1 - gamma/(2s) + O(1/s^2)
+    for s in (10, 100, 200):
+        ratio = exact[s - 1] / ((gamma + 1) * s**gamma / t_end ** (gamma + 1))
+        assert ratio == pytest.approx(1 - gamma / (2 * s), abs=gamma**2 / s**2 + 1e-12)
+
+
+def test_power_function_range_is_edm2s_gamma_at_least_zero():
+    assert S.PowerFunction(gamma=0.0).sigma_rel == pytest.approx(1 / math.sqrt(12), rel=1e-15)
+    assert 0.0 < S.PowerFunction(sigma_rel=0.2886).gamma < 0.01  # near the running mean
+    for make, message in [
+        (lambda: S.PowerFunction(gamma=-0.5), r"gamma must be in \[0.0, inf\), got -0.5. gamma 0"),
+        (lambda: S.PowerFunction(sigma_rel=0.29), r"sigma_rel must be in \(0.0, 0.2886751"),
+        (lambda: S.PowerFunction(sigma_rel=0.3), r"would need gamma <= 0"),
+        (lambda: S.gamma_to_sigma_rel(-0.2), r"gamma must be in \[0.0, inf\)"),
+        (lambda: S.sigma_rel_to_gamma(1e-320), r"sigma_rel=1e-320 is too small"),
+        (lambda: S.from_dict({"kind": "PowerFunction", "gamma": -0.5, "sigma_rel": 0.29}),
+         r"gamma must be in \[0.0, inf\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make()
+    assert S.sigma_rel_to_gamma(1e-300) == pytest.approx(1e300, rel=1e-9)

@@ -23,6 +23,9 @@ evenly spaced steps (the midpoint rule on integers). Exact for a function that i
 sub-block; for a smooth one the relative error of ``exp(sum)`` is about 1e-4 per doubling of the
 range.
 
+:func:`first_true` (bisection for the first step where a monotone condition holds) and
+:func:`log1m_exp` (``log(1 - exp(-x))`` to full precision) serve the same closed forms.
+
 Example:
     >>> import math
     >>> f, df = (lambda t: 1.0 / (t * t)), (lambda t: -2.0 / t**3)
@@ -36,11 +39,32 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-__all__ = ["HEAD", "SAMPLES", "sampled_sum", "smooth_sum"]
+__all__ = ["HEAD", "SAMPLES", "first_true", "log1m_exp", "sampled_sum", "smooth_sum"]
 
 HEAD = 8192  # terms this close to the origin are added one by one
 SAMPLES = 64  # steps evaluated per panel by sampled_sum
 _ORDER = 20  # Gauss--Legendre points per panel
+
+
+def first_true(pred: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The first integer ``t`` in ``[lo, hi]`` with ``pred(t)`` for a monotone ``pred`` (False
+    then True), or ``hi + 1`` when there is none; ``log2(hi - lo)`` calls."""
+    if pred(lo):
+        return lo
+    if not pred(hi):
+        return hi + 1
+    while hi - lo > 1:  # pred(lo) is False, pred(hi) is True
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def log1m_exp(x: float) -> float:
+    """``log(1 - exp(-x))`` for ``x > 0``, to full relative precision on both sides of ln 2."""
+    return math.log(-math.expm1(-x)) if x < math.log(2.0) else math.log1p(-math.exp(-x))
 
 
 def _gauss_legendre(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

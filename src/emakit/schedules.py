@@ -29,7 +29,14 @@ import numbers
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, cast
 
-from emakit.integer_sums import sampled_sum, smooth_sum
+from emakit.conversions import _real as _real  # re-exported: best.py checks with it too
+from emakit.conversions import (
+    decay_to_half_life,
+    gamma_to_sigma_rel,
+    half_life_to_decay,
+    sigma_rel_to_gamma,
+)
+from emakit.integer_sums import first_true, log1m_exp, sampled_sum, smooth_sum
 
 __all__ = [
     "EXACT_STEPS",
@@ -66,47 +73,9 @@ def _loop(schedule: Schedule, first: int, last: int) -> float:
     return product
 
 
-def _first(pred: Any, lo: int, hi: int) -> int:
-    """The first integer ``t`` in ``[lo, hi]`` with ``pred(t)`` for a monotone ``pred`` (False
-    then True), or ``hi + 1`` when there is none; ``log2(hi - lo)`` calls."""
-    if pred(lo):
-        return lo
-    if not pred(hi):
-        return hi + 1
-    while hi - lo > 1:  # pred(lo) is False, pred(hi) is True
-        mid = (lo + hi) // 2
-        if pred(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-def _log1m_exp(x: float) -> float:
-    """``log(1 - exp(-x))`` for ``x > 0``, to full relative precision on both sides of ln 2."""
-    return math.log(-math.expm1(-x)) if x < math.log(2.0) else math.log1p(-math.exp(-x))
-
-
 def _power(d: float, k: int) -> float:
     """``d ** k`` for a decay ``d`` in [0, 1] and any count ``k >= 0``."""
     return 1.0 if k <= 0 else d**k
-
-
-def _real(name: str, value: object, *, low: float, high: float, low_open: bool = False,
-          high_open: bool = False, hint: str = "") -> float:
-    """Check that ``value`` is a finite real number in a range; return it as ``float``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{name} must be a real number, got {value!r} of type {type(value).__name__}. {hint}"
-        )
-    v = float(value)
-    too_low = v <= low if low_open else v < low
-    too_high = v >= high if high_open else v > high
-    if math.isnan(v) or too_low or too_high:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}. {hint}".rstrip())
-    return v
 
 
 EXACT_STEPS = 10_000  # gaps up to this many steps: the per-step decays multiplied in order
@@ -295,12 +264,12 @@ class InverseGamma(Schedule):
         a, b = start + 1, stop
         if self(a) == 0.0:  # the smallest decay of the interval: the product is 0
             return 0.0
-        low = _first(lambda t: self(t) > self.min_decay, a, b)  # first step above min_decay
-        high = _first(lambda t: self(t) >= self.max_decay, low, b)  # first one at max_decay
+        low = first_true(lambda t: self(t) > self.min_decay, a, b)  # first step above min_decay
+        high = first_true(lambda t: self(t) >= self.max_decay, low, b)  # first one at max_decay
         g, p, origin = self.inv_gamma, self.power, self.update_after_step + 1
 
         def f(t: float) -> float:
-            return _log1m_exp(p * math.log1p((t - origin) / g))
+            return log1m_exp(p * math.log1p((t - origin) / g))
 
         def df(t: float) -> float:
             e = t - origin
@@ -338,7 +307,7 @@ class TFWarmup(Schedule):
         """Ramp, then cap: ``prod_{t=x}^{y} (1+t)/(10+t) = prod_{i=1}^{9} (x+i)/(y+1+i)``
         (the products telescope), times ``decay ** k`` over the ``k`` capped steps."""
         a, b = start + 1, stop
-        cap = _first(lambda t: (1.0 + t) / (10.0 + t) >= self.decay, a, b)
+        cap = first_true(lambda t: (1.0 + t) / (10.0 + t) >= self.decay, a, b)
         last = cap - 1  # the ramp is a .. last
         if last - a + 1 <= 9:
             ramp = _loop(self, a, last)
@@ -381,10 +350,10 @@ class ExponentialRamp(Schedule):
         if self.decay == 0.0:
             return 0.0
         a, b, tau = start + 1, stop, self.tau
-        flat = _first(lambda t: 1.0 - math.exp(-t / tau) == 1.0, a, b)
+        flat = first_true(lambda t: 1.0 - math.exp(-t / tau) == 1.0, a, b)
 
         def f(t: float) -> float:
-            return _log1m_exp(t / tau)
+            return log1m_exp(t / tau)
 
         def df(t: float) -> float:
             return 1.0 / (tau * math.expm1(t / tau))
@@ -398,13 +367,20 @@ class ExponentialRamp(Schedule):
 class PowerFunction(Schedule):
     """Power-function EMA of Karras et al. (2024, EDM2): ``d_t = (1 - 1/t) ** (gamma + 1)``.
 
-    The average then weighs step ``s`` in proportion to ``s ** gamma``: its width relative to the
-    run length is ``sigma_rel``; give either ``gamma`` or ``sigma_rel``.
+    After ``T`` steps the average weighs step ``s`` by exactly
+    ``(s ** (gamma+1) - (s-1) ** (gamma+1)) / T ** (gamma+1)`` (the products telescope), which
+    for large ``s`` is ``(gamma+1) s ** gamma / T ** (gamma+1)``: in proportion to ``s ** gamma``.
+    Its width relative to the run length is ``sigma_rel``; give either ``gamma`` or
+    ``sigma_rel``.
 
     Args:
-        gamma: exponent, > -1 (EDM2: gamma 16.97 for sigma_rel 0.05, 6.94 for 0.10; see
-            :func:`sigma_rel_to_gamma`).
-        sigma_rel: relative standard deviation of the averaging profile, in (0, 0.3003).
+        gamma: exponent, ``>= 0`` (0: the running mean; EDM2: gamma 16.97 for sigma_rel 0.05,
+            6.94 for 0.10; see :func:`sigma_rel_to_gamma`).
+        sigma_rel: relative standard deviation of the averaging profile, in
+            ``(0, 1/sqrt(12))`` (about 0.2887), EDM2's range (``gamma > 0``).
+
+    Raises:
+        ValueError: neither or both given, ``gamma < 0``, or ``sigma_rel`` outside its range.
 
     Example:
         >>> s = PowerFunction(gamma=7.0)
@@ -427,8 +403,9 @@ class PowerFunction(Schedule):
         if self.sigma_rel is not None:
             gamma = sigma_rel_to_gamma(self.sigma_rel)
         else:
-            gamma = _real("gamma", self.gamma, low=-1.0, high=math.inf, low_open=True,
-                          high_open=True)
+            gamma = _real("gamma", self.gamma, low=0.0, high=math.inf, high_open=True,
+                          hint="gamma 0 is the running mean; negative gamma would weigh early "
+                               "steps more than late ones.")
         object.__setattr__(self, "gamma", gamma)
         object.__setattr__(self, "sigma_rel", gamma_to_sigma_rel(gamma))
 
@@ -473,83 +450,3 @@ def from_dict(data: dict[str, Any]) -> Schedule:
         return _KINDS[kind](**fields)
     except TypeError as exc:
         raise ValueError(f"bad fields for schedule {kind!r}: {fields!r} ({exc}).") from exc
-
-
-def half_life_to_decay(half_life: float) -> float:
-    """The per-step decay whose weights halve every ``half_life`` steps: ``0.5 ** (1/half_life)``.
-
-    Args:
-        half_life: steps, > 0 (may be fractional).
-
-    Returns:
-        The decay ``d`` with ``d ** half_life == 0.5``.
-
-    Example:
-        >>> half_life_to_decay(1)
-        0.5
-    """
-    h = _real("half_life", half_life, low=0.0, high=math.inf, low_open=True, high_open=True,
-              hint="half_life is counted in optimizer steps, e.g. half_life=2000.")
-    return float(0.5 ** (1.0 / h))
-
-
-def decay_to_half_life(decay: float) -> float:
-    """The half-life in steps of a constant decay: ``ln(1/2) / ln(decay)``.
-
-    Args:
-        decay: in (0, 1).
-
-    Returns:
-        Steps after which a past weight's share of the average has halved.
-
-    Example:
-        >>> round(decay_to_half_life(0.999), 2)
-        692.8
-    """
-    d = _real("decay", decay, low=0.0, high=1.0, low_open=True, high_open=True,
-              hint="decay 0 has half-life 0 and decay 1 never halves.")
-    return math.log(0.5) / math.log(d)
-
-
-def gamma_to_sigma_rel(gamma: float) -> float:
-    """Karras et al. (2024) eq. 3: ``sigma_rel = sqrt((g+1) / ((g+2)^2 (g+3)))``.
-
-    Example:
-        >>> round(gamma_to_sigma_rel(6.94), 4)
-        0.1
-    """
-    g = _real("gamma", gamma, low=-1.0, high=math.inf, low_open=True, high_open=True)
-    return math.sqrt((g + 1.0) / (g + 3.0)) / (g + 2.0)  # no overflow for huge gamma
-
-
-_SIGMA_REL_MAX_GAMMA = (math.sqrt(5.0) - 1.0) / 2.0 - 1.0  # the gamma where sigma_rel peaks
-
-
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """Invert :func:`gamma_to_sigma_rel` on its decreasing branch (the largest root).
-
-    Solves ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0`` for its largest real root by
-    bisection in float64.
-
-    Args:
-        sigma_rel: in (0, max), where max ~ 0.3003 is attained at gamma = (sqrt 5 - 3) / 2.
-
-    Example:
-        >>> round(sigma_rel_to_gamma(0.1), 2)
-        6.94
-    """
-    peak = gamma_to_sigma_rel(_SIGMA_REL_MAX_GAMMA)
-    s = _real("sigma_rel", sigma_rel, low=0.0, high=peak, low_open=True,
-              hint="EDM2 uses sigma_rel between 0.01 and 0.2.")
-    lo, hi = _SIGMA_REL_MAX_GAMMA, 1.0
-    while gamma_to_sigma_rel(hi) > s:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if gamma_to_sigma_rel(mid) > s:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-15 * max(1.0, abs(hi)):
-            break
-    return 0.5 * (lo + hi)

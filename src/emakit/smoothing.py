@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from emakit.schedules import _real
+from emakit.conversions import _real
 
 __all__ = ["alpha_from", "ewm"]
 

@@ -31,6 +31,9 @@ TRAP_SHARE = 0.05  # initial weights still holding more than this at the end: wa
 def parse_schedule(spec: str) -> schedules.Schedule:
     """``NAME[:key=value,...]``, e.g. ``inverse-gamma:power=0.75,max_decay=0.9999``.
 
+    ``power-function`` (or ``power``) takes ``gamma`` (``>= 0``) or ``sigma_rel`` (in
+    ``(0, 0.2887)``); each schedule's own checks give the errors, prefixed with the option.
+
     Example:
         >>> parse_schedule("tf-warmup:decay=0.99")
         TFWarmup(decay=0.99)
@@ -52,7 +55,13 @@ def parse_schedule(spec: str) -> schedules.Schedule:
             number = float(value)
         except ValueError:
             raise CLIError(f"--schedule {spec!r}: {key}={value!r} is not a number.") from None
-        fields[key.strip()] = int(number) if key.strip() == "update_after_step" else number
+        if key.strip() == "update_after_step":
+            if not number.is_integer():
+                raise CLIError(f"--schedule {spec!r}: update_after_step={value!r} is not a whole "
+                               "number of steps.")
+            fields[key.strip()] = int(number)
+        else:
+            fields[key.strip()] = number
     try:
         schedule: schedules.Schedule = getattr(schedules, kind)(**fields)
     except (TypeError, ValueError) as exc:
