@@ -214,3 +214,21 @@ def test_bad_inputs():
         ewm([1.0], alpha=0.1, min_periods=-1)
     with pytest.raises(ValueError, match="Pass only one of them"):
         ewm([1.0], alpha=0.1, adjust=False, debias=True)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"half_life": 1e300}, r"half_life=1e\+300 gives alpha=6.93e-301, which is too small"),
+    ({"span": 1e308}, r"span=1e\+308 gives alpha=2e-308"),
+    ({"com": 1e17}, r"com=1e\+17 gives alpha=1e-17"),
+    ({"alpha": 1e-17}, r"alpha=1e-17 is too small for float64: 1 - alpha rounds to 1"),
+])
+def test_an_alpha_lost_in_rounding_is_refused_with_the_limits(kwargs, message):
+    with pytest.raises(ValueError, match=message) as exc:
+        ewm([1.0, 2.0], **kwargs)
+    assert "half_life <= 6.24e+15" in str(exc.value)
+
+
+def test_the_smallest_alpha_still_averages():
+    x = np.array([1.0, 2.0, 3.0, np.nan, 6.0])
+    # alpha = 2^-53: beta < 1, so the adjusted mean is the expanding mean to rounding
+    np.testing.assert_allclose(ewm(x, alpha=2.0**-53), [1.0, 1.5, 2.0, 2.0, 3.0], rtol=1e-12)
