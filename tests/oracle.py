@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import numpy as np
+
+from emakit.schedules import Schedule
 
 
 def weighted_sum(x0: np.ndarray, updates: Sequence[tuple[int, np.ndarray]],
@@ -71,3 +75,14 @@ def ewm_sum(x: Sequence[float], alpha: float, *, zeros: bool = False) -> np.ndar
         den = math.fsum(beta ** (t - i) for i in idx)
         out[t] = alpha * num if zeros else num / den
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Cycle(Schedule):
+    """A test schedule: ``d_t = decays[t % len(decays)]`` (decays that change every step)."""
+
+    decays: tuple[float, ...]
+    kind: ClassVar[str] = "Cycle"
+
+    def __call__(self, step: int) -> float:
+        return self.decays[step % len(self.decays)]

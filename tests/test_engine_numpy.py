@@ -29,7 +29,7 @@ def trajectory(n, shape=(3, 4), seed=0):
 def test_matches_float64_weighted_sum(schedule, every, init):
     xs = trajectory(31)
     params = {"w": xs[0].copy()}
-    ema = emakit.EMA(params, decay=schedule, every=every, init=init)
+    ema = emakit.EMA(params, decay=schedule, every=every, start=init)
     updates = []
     for t, x in enumerate(xs[1:], start=1):
         params["w"][...] = x
@@ -71,26 +71,26 @@ def test_explicit_steps_with_gaps_equal_every_k():
 
 def test_zero_init_debias_of_constant_input_is_the_input():
     p = {"w": np.full(5, 3.0)}
-    ema = emakit.EMA(p, decay=0.99, init="zeros")
+    ema = emakit.EMA(p, decay=0.99, start="zeros")
     ema.update()
-    assert ema.shadows["w"][0] == pytest.approx(0.03)  # biased
+    assert ema.state_dict()["shadows"]["w"][0] == pytest.approx(0.03)  # the raw shadow: biased
     np.testing.assert_allclose(ema.averaged()["w"], 3.0, rtol=1e-14)
     for _ in range(50):
         ema.update()
     np.testing.assert_allclose(ema.averaged()["w"], 3.0, rtol=1e-13)
 
 
-def test_seed_004_numpy_example():
-    # seed 004: params -= g; ema = (1 - alpha) * ema + alpha * params, ema starts at zeros.
+def test_zero_started_numpy_loop():
+    # a hand-written numpy loop: params -= g; ema = (1 - alpha) * ema + alpha * params from zeros
     alpha = 0.9
     params = np.array([1.0, 2.0, 3.0])
     seed_ema = np.zeros_like(params)
-    ema = emakit.EMA({"params": params}, decay=1 - alpha, init="zeros")
+    ema = emakit.EMA({"params": params}, decay=1 - alpha, start="zeros")
     for _ in range(10):
         params -= np.array([0.1, 0.2, 0.3])
         seed_ema = (1 - alpha) * seed_ema + alpha * params
         ema.update()
-    np.testing.assert_allclose(ema.shadows["params"], seed_ema, rtol=1e-14)
+    np.testing.assert_allclose(ema.state_dict()["shadows"]["params"], seed_ema, rtol=1e-14)
     debiased = seed_ema / (1 - (1 - alpha) ** 10)
     np.testing.assert_allclose(ema.averaged()["params"], debiased, rtol=1e-14)
 
@@ -111,11 +111,12 @@ def test_flat_fast_path_equals_plain_loop_bitwise(dtype):
             src[k][...] = v
         fast.update()
         loop.update()
-    assert [g.index for g in fast._plan.groups] == [list(range(len(shapes)))]  # one flat buffer
-    assert fast._plan.loose == [] and loop._plan.groups == []
+    (group,) = fast.update_plan()  # one flat buffer: one pass
+    assert (group.kind, group.tensors, group.runs, group.loose) == ("direct", len(shapes), 1, 0)
+    assert [g.kind for g in loop.update_plan()] == ["loop"]
     for k in src:
-        assert fast.shadows[k].dtype == (np.float32 if dtype == np.float16 else dtype)
-        np.testing.assert_array_equal(fast.shadows[k], loop.shadows[k])
+        assert fast.averaged()[k].dtype == (np.float32 if dtype == np.float16 else dtype)
+        np.testing.assert_array_equal(fast.averaged()[k], loop.averaged()[k])
 
 
 def test_weight_above_one_half_uses_the_other_lerp_branch():
@@ -123,7 +124,7 @@ def test_weight_above_one_half_uses_the_other_lerp_branch():
     ema = emakit.EMA(p, decay=0.25)
     p["w"][:] = [5.0, 6.0]
     ema.update()
-    np.testing.assert_array_equal(ema.shadows["w"], np.array([4.0, 4.0], dtype=np.float32))
+    np.testing.assert_array_equal(ema.averaged()["w"], np.array([4.0, 4.0], dtype=np.float32))
 
 
 def test_integer_and_bool_arrays_are_copied_not_averaged():
@@ -133,22 +134,22 @@ def test_integer_and_bool_arrays_are_copied_not_averaged():
     p["count"][...] = 7
     p["mask"][:] = [False, True]
     ema.update()
-    assert ema.shadows["count"].dtype == np.int64 and int(ema.shadows["count"]) == 7
-    np.testing.assert_array_equal(ema.shadows["mask"], [False, True])
+    assert ema.averaged()["count"].dtype == np.int64 and int(ema.averaged()["count"]) == 7
+    np.testing.assert_array_equal(ema.averaged()["mask"], [False, True])
 
 
 def test_nonfinite_guard_keeps_shadow_and_counts():
     p = {"a": np.ones(3), "b": np.ones(2)}
-    guarded = emakit.EMA(p, decay=0.5, skip_nonfinite=True)
+    guarded = emakit.EMA(p, decay=0.5, policy=emakit.Policy(nonfinite="skip"))
     plain = emakit.EMA(p, decay=0.5)
     p["a"][:] = [3.0, np.nan, 3.0]
     p["b"][:] = 3.0
     guarded.update()
     plain.update()
-    np.testing.assert_array_equal(guarded.shadows["a"], np.ones(3))
-    np.testing.assert_array_equal(guarded.shadows["b"], np.full(2, 2.0))
+    np.testing.assert_array_equal(guarded.averaged()["a"], np.ones(3))
+    np.testing.assert_array_equal(guarded.averaged()["b"], np.full(2, 2.0))
     assert guarded.nonfinite_skips() == {"a": 1, "b": 0}
-    assert np.isnan(plain.shadows["a"][1])  # what the guard prevents
+    assert np.isnan(plain.averaged()["a"][1])  # what the guard prevents
     assert guarded.state_dict()["nonfinite_skips"] == {"a": 1, "b": 0}
 
 
@@ -197,7 +198,7 @@ def test_register_restarts_the_average():
     p["w"][:] = 3.0
     ema.update()
     ema.register()
-    assert ema.shadows["w"][0] == 3.0 and ema.num_updates == 0 and ema.step == 1
+    assert ema.averaged()["w"][0] == 3.0 and ema.num_updates == 0 and ema.step == 1
 
 
 def test_copy_to_another_mapping_by_name():
@@ -226,9 +227,9 @@ def test_step_errors_and_no_ops():
 
 def test_first_update_far_from_creation_warns():
     ema = emakit.EMA({"w": np.zeros(1)}, decay=0.5)
-    with pytest.warns(emakit.EMAWarning, match=r"create it with EMA\(..., step=99\)"):
+    with pytest.warns(emakit.EMAWarning, match=r"create it with EMA\(..., start=99\)"):
         ema.update(step=100)
-    started = emakit.EMA({"w": np.zeros(1)}, decay=0.5, step=99)
+    started = emakit.EMA({"w": np.zeros(1)}, decay=0.5, start=99)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         started.update(step=100)
@@ -242,7 +243,9 @@ def test_first_update_far_from_creation_warns():
         (lambda: emakit.EMA({"w": np.zeros(1)}, decay="0.9"), TypeError, r"decay must be a float in \[0, 1\] or a schedule"),
         (lambda: emakit.EMA({"w": np.zeros(1)}, decay=0.9, half_life=10), ValueError, r"either decay or half_life"),
         (lambda: emakit.EMA({"w": np.zeros(1)}, every=0), ValueError, r"every must be >= 1, got 0"),
-        (lambda: emakit.EMA({"w": np.zeros(1)}, init="ones"), ValueError, r"init must be 'copy' or 'zeros', got 'ones'"),
+        (lambda: emakit.EMA({"w": np.zeros(1)}, start="ones"), TypeError, r"start must be an optimizer step \(int\), 'zeros'"),
+        (lambda: emakit.EMA({"w": np.zeros(1)}, start=-1), ValueError, r"start step must be an int >= 0, got -1"),
+        (lambda: emakit.EMA({"w": np.zeros(1)}, every="2"), TypeError, r"every must be an int, got '2'"),
         (lambda: emakit.EMA({"w": np.zeros(1)}, dtype="int32"), ValueError, r"dtype must be a floating dtype"),
         (lambda: emakit.EMA({"w": np.zeros(1)}, device="cuda"), ValueError, r"device='cuda' is not available for numpy"),
         (lambda: emakit.EMA({"w": np.zeros(1)}, policy="copy"), TypeError, r"policy must be an emakit.Policy"),
@@ -280,7 +283,7 @@ def test_rebound_entries_are_followed():
     ema = emakit.EMA(p, decay=0.5)
     p["w"] = np.full(2, 4.0)  # rebound, not written in place
     ema.update()
-    np.testing.assert_array_equal(ema.shadows["w"], [2.0, 2.0])
+    np.testing.assert_array_equal(ema.averaged()["w"], [2.0, 2.0])
 
 
 def test_pairs_source():

@@ -136,7 +136,7 @@ def test_attach_refuses_what_has_no_hooks():
 # ------------------------------------------------------------- init='zeros' corrections
 def test_zeros_init_with_a_skipped_first_step_corrects_by_the_updates_that_went_in():
     w = {"w": np.ones(2)}
-    ema = emakit.EMA(w, decay=0.9, init="zeros", skip_nonfinite=True)
+    ema = emakit.EMA(w, decay=0.9, start="zeros", policy=emakit.Policy(nonfinite="skip"))
     w["w"][:] = np.nan
     ema.update()
     assert ema.nonfinite_skips() == {"w": 1}
@@ -157,7 +157,7 @@ def test_zeros_init_with_skips_matches_the_weighted_sum_of_the_updates_kept(back
     values = [rng.normal(size=4) for _ in range(20)]
     skipped = {0, 3, 4, 11}
     arr = np.zeros(4) if backend == "numpy" else torch.zeros(4, dtype=torch.float64)
-    ema = emakit.EMA({"w": arr}, decay=0.8, init="zeros", skip_nonfinite=True)
+    ema = emakit.EMA({"w": arr}, decay=0.8, start="zeros", policy=emakit.Policy(nonfinite="skip"))
     kept = []
     for t, v in enumerate(values):
         arr[:] = np.nan if t in skipped else (v if backend == "numpy" else torch.from_numpy(v))
@@ -171,19 +171,19 @@ def test_zeros_init_with_skips_matches_the_weighted_sum_of_the_updates_kept(back
     np.testing.assert_allclose(got, expected, rtol=1e-12)
     state = ema.state_dict()
     assert state["decay_products"]["w"] == pytest.approx(0.8 ** n, rel=1e-12)
-    again = emakit.EMA({"w": arr}, decay=0.8, init="zeros", skip_nonfinite=True)
+    again = emakit.EMA({"w": arr}, decay=0.8, start="zeros", policy=emakit.Policy(nonfinite="skip"))
     again.load_state_dict(state)
     np.testing.assert_array_equal(np.asarray(again.averaged()["w"]), got)
-    unguarded = emakit.EMA({"w": arr}, decay=0.8, init="zeros")
-    with pytest.raises(emakit.StateDictError, match=r"skip_nonfinite=True to load it"):
+    unguarded = emakit.EMA({"w": arr}, decay=0.8, start="zeros")
+    with pytest.raises(emakit.StateDictError, match=r"Policy\(nonfinite=.skip.\) to load it"):
         unguarded.load_state_dict(state)
 
 
-def test_zeros_init_with_decay_one_is_refused():
-    with pytest.raises(ValueError, match=r"init='zeros' with decay=1 never averages"):
-        emakit.EMA({"w": np.ones(2)}, decay=1.0, init="zeros")
+def test_zero_start_with_decay_one_is_refused():
+    with pytest.raises(ValueError, match=r"start='zeros' with decay=1 never averages"):
+        emakit.EMA({"w": np.ones(2)}, decay=1.0, start="zeros")
     frozen = S.InverseGamma(min_decay=1.0, max_decay=1.0, update_after_step=3)
-    ema = emakit.EMA({"w": np.ones(2)}, decay=frozen, init="zeros")  # decay 0 for 4 steps
+    ema = emakit.EMA({"w": np.ones(2)}, decay=frozen, start="zeros")  # decay 0 for 4 steps
     ema.update(step=1)
     np.testing.assert_array_equal(ema.averaged()["w"], [1.0, 1.0])
     ema2 = emakit.EMA({"w": np.ones(2)}, decay=S.Constant(1.0), init="copy")
@@ -199,13 +199,13 @@ def test_the_guard_skips_values_that_overflow_the_shadow_or_the_lerp(backend):
         return a if backend == "numpy" else torch.from_numpy(a)
 
     wide = {"w": arr([1.0, 2.0], np.float64)}
-    ema = emakit.EMA(wide, decay=0.5, dtype="float32", skip_nonfinite=True)
+    ema = emakit.EMA(wide, decay=0.5, dtype="float32", policy=emakit.Policy(nonfinite="skip"))
     wide["w"][0] = 1e300  # finite in float64, inf in the float32 shadow
     ema.update()
     assert ema.nonfinite_skips() == {"w": 1}
     np.testing.assert_array_equal(np.asarray(ema.averaged()["w"]), [1.0, 2.0])
     big = {"w": arr([3e38, -3e38], np.float32)}
-    ema = emakit.EMA(big, decay=0.5, skip_nonfinite=True)
+    ema = emakit.EMA(big, decay=0.5, policy=emakit.Policy(nonfinite="skip"))
     big["w"][:] = arr([-3e38, 3e38], np.float32)  # finite, but lerp's (end - start) overflows
     ema.update()
     assert ema.nonfinite_skips() == {"w": 1}
@@ -260,8 +260,8 @@ def test_stall_warning_follows_the_resolution_bound(dtype, decay, warns):
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_threads_sharing_an_ema_take_turns(backend):
     arr = np.arange(4096.0) if backend == "numpy" else torch.arange(4096.0)
-    ema = emakit.EMA({"w": arr}, decay=0.99, init="zeros")
-    ref = emakit.EMA({"w": arr}, decay=0.99, init="zeros")
+    ema = emakit.EMA({"w": arr}, decay=0.99, start="zeros")
+    ref = emakit.EMA({"w": arr}, decay=0.99, start="zeros")
     snapshots = []
 
     def train():
@@ -282,7 +282,7 @@ def test_threads_sharing_an_ema_take_turns(backend):
     assert ema.step == ema.num_updates == 600
     for _ in range(600):
         ref.update()
-    np.testing.assert_array_equal(np.asarray(ema.shadows["w"]), np.asarray(ref.shadows["w"]))
+    np.testing.assert_array_equal(np.asarray(ema.averaged()["w"]), np.asarray(ref.averaged()["w"]))
     for step, updates, product in snapshots:  # never torn: counters belong together
         assert step == updates and product == pytest.approx(0.99 ** step, rel=1e-9)
 
@@ -290,7 +290,7 @@ def test_threads_sharing_an_ema_take_turns(backend):
 def test_weighted_sum_oracle_still_describes_the_guarded_copy_init():
     xs = [np.full(2, float(k)) for k in range(6)]
     w = {"w": xs[0].copy()}
-    ema = emakit.EMA(w, decay=0.7, skip_nonfinite=True)
+    ema = emakit.EMA(w, decay=0.7, policy=emakit.Policy(nonfinite="skip"))
     for x in xs[1:]:
         w["w"][:] = x
         ema.update()

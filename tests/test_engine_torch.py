@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import emakit
-from emakit.backends import torch as torch_backend
-from oracle import weighted_sum
+from emakit.backends.torch import layout as torch_layout
+from oracle import Cycle, weighted_sum
 
 
 class Net(torch.nn.Module):
@@ -50,7 +50,7 @@ def test_policy_on_a_real_module():
     assert ema.actions["bn.running_mean"] == "average"
     assert ema.actions["frozen"] == "average"
     assert "mask" not in ema.actions  # non-persistent buffer: not model state
-    assert ema.shadows["bn.num_batches_tracked"].dtype == torch.int64
+    assert ema.averaged()["bn.num_batches_tracked"].dtype == torch.int64
     copied = emakit.EMA(model, policy=emakit.Policy(buffers="copy", exclude=("head.*",)))
     assert copied.actions["bn.running_var"] == "copy"
     assert not any(n.startswith("head.") for n in copied.actions)
@@ -66,18 +66,18 @@ def test_buffers_follow_policy_through_training():
         avg.update()
         cpy.update()
         history.append(model.bn.running_mean.double().clone())
-    assert torch.equal(cpy.shadows["bn.running_mean"], model.bn.running_mean)
+    assert torch.equal(cpy.averaged()["bn.running_mean"], model.bn.running_mean)
     expected = weighted_sum(history[0].numpy(), list(enumerate(history[1:], 1)),
                             lambda t: 0.9)
-    np.testing.assert_allclose(avg.shadows["bn.running_mean"].numpy(), expected, rtol=1e-5)
-    assert int(avg.shadows["bn.num_batches_tracked"]) == 5
+    np.testing.assert_allclose(avg.averaged()["bn.running_mean"].numpy(), expected, rtol=1e-5)
+    assert int(avg.averaged()["bn.num_batches_tracked"]) == 5
 
 
 def test_fp32_shadow_of_bf16_model_matches_float64_oracle():
     torch.manual_seed(1)
     lin = torch.nn.Linear(16, 16).bfloat16()
     ema = emakit.EMA(lin, decay=0.999)
-    assert ema.shadows["weight"].dtype == torch.float32
+    assert ema.averaged()["weight"].dtype == torch.float32
     hist = [lin.weight.detach().double().clone()]
     for _t in range(1, 201):
         with torch.no_grad():
@@ -86,7 +86,7 @@ def test_fp32_shadow_of_bf16_model_matches_float64_oracle():
         hist.append(lin.weight.detach().double().clone())
     expected = weighted_sum(hist[0].numpy(), [(t, h.numpy()) for t, h in enumerate(hist[1:], 1)],
                             lambda t: 0.999)
-    np.testing.assert_allclose(ema.shadows["weight"].double().numpy(), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ema.averaged()["weight"].double().numpy(), expected, rtol=0, atol=1e-6)
     # a bf16 shadow would have stalled: each step's change is below bf16's resolution
     with pytest.warns(emakit.EMAWarning, match=r"bfloat16 shadow with decay 0.999 stalls"):
         emakit.EMA(lin, decay=0.999, dtype=torch.bfloat16)
@@ -94,9 +94,9 @@ def test_fp32_shadow_of_bf16_model_matches_float64_oracle():
 
 def test_float64_stays_float64_and_dtype_override():
     p = {"w": torch.zeros(3, dtype=torch.float64), "h": torch.zeros(3, dtype=torch.float16)}
-    assert emakit.EMA(p).shadows["w"].dtype == torch.float64
-    assert emakit.EMA(p).shadows["h"].dtype == torch.float32
-    assert emakit.EMA(p, dtype="float64").shadows["h"].dtype == torch.float64
+    assert emakit.EMA(p).averaged()["w"].dtype == torch.float64
+    assert emakit.EMA(p).averaged()["h"].dtype == torch.float32
+    assert emakit.EMA(p, dtype="float64").averaged()["h"].dtype == torch.float64
     with pytest.raises(ValueError, match=r"dtype must be a floating dtype .* got torch.int32"):
         emakit.EMA(p, dtype=torch.int32)
     with pytest.raises(TypeError, match=r"dtype must be a torch floating dtype or its name, got 'f33'"):
@@ -119,25 +119,23 @@ def mixed_source(seed):
 @pytest.mark.parametrize("staging", [1 << 22, 40])
 @pytest.mark.parametrize("decays", [(0.9, 0.3, 0.999), (0.0, 1.0, 0.5)])
 def test_fast_path_equals_plain_loop_bitwise(monkeypatch, staging, decays):
-    monkeypatch.setattr(torch_backend, "_STAGING_ELEMENTS", staging)
+    monkeypatch.setattr(torch_layout, "STAGING_ELEMENTS", staging)
     src = mixed_source(0)
-    fast = emakit.EMA(src, decay=emakit.schedules.Constant(decays[0]))
-    loop = emakit.EMA(src, decay=emakit.schedules.Constant(decays[0]), foreach=False)
+    fast = emakit.EMA(src, decay=Cycle(decays))  # the decay changes every step
+    loop = emakit.EMA(src, decay=Cycle(decays), foreach=False)
     for i in range(1, 13):
         new = mixed_source(i)
         for k in src:
             src[k].copy_(new[k])
-        d = decays[i % len(decays)]
-        fast._schedule = loop._schedule = emakit.schedules.Constant(d)
         fast.update()
         loop.update()
-    assert not fast._plan.loop and loop._plan.loop
+    assert "loop" not in {g.kind for g in fast.update_plan()}
+    assert {g.kind for g in loop.update_plan()} == {"loop"}
     for k in src:
-        assert fast.shadows[k].dtype == loop.shadows[k].dtype
-        assert torch.equal(fast.shadows[k], loop.shadows[k]), k
+        assert fast.averaged()[k].dtype == loop.averaged()[k].dtype
+        assert torch.equal(fast.averaged()[k], loop.averaged()[k]), k
     if staging == 40:
-        staged = [p for p in fast._plan.lerps if isinstance(p, torch_backend._Staged)]
-        assert any(len(p.chunks) > 1 for p in staged)
+        assert any(g.kind == "staged" and g.chunks > 1 for g in fast.update_plan())
 
 
 def test_torch_and_numpy_backends_agree_bitwise_in_float32():
@@ -154,7 +152,7 @@ def test_torch_and_numpy_backends_agree_bitwise_in_float32():
         et.update()
         en.update()
     for k in t_src:
-        np.testing.assert_array_equal(et.shadows[k].numpy(), en.shadows[k])
+        np.testing.assert_array_equal(et.averaged()[k].numpy(), en.averaged()[k])
 
 
 def test_torch_and_numpy_backends_agree_in_float64():
@@ -168,13 +166,13 @@ def test_torch_and_numpy_backends_agree_in_float64():
         n_src["w"] += step.numpy()
         et.update()
         en.update()
-    np.testing.assert_allclose(et.shadows["w"].numpy(), en.shadows["w"], rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(et.averaged()["w"].numpy(), en.averaged()["w"], rtol=1e-13, atol=1e-14)
 
 
 def test_update_neither_syncs_nor_records_autograd(monkeypatch):
     model, opt = make()
     for guard in (False, True):
-        ema = emakit.EMA(model, skip_nonfinite=guard)
+        ema = emakit.EMA(model, policy=emakit.Policy(nonfinite="skip" if guard else "average"))
         train_steps(model, opt, 1)
 
         def no_sync(*a, **k):
@@ -184,21 +182,21 @@ def test_update_neither_syncs_nor_records_autograd(monkeypatch):
             monkeypatch.setattr(torch.Tensor, name, no_sync)
         ema.update()
         monkeypatch.undo()
-        for s in ema.shadows.values():
+        for s in ema.averaged().values():
             assert not s.requires_grad and s.grad_fn is None
 
 
 def test_nonfinite_guard_on_torch():
     p = {"a": torch.ones(3), "b": torch.ones(2).bfloat16(), "n": torch.tensor(1)}
-    ema = emakit.EMA(p, decay=0.5, skip_nonfinite=True)
+    ema = emakit.EMA(p, decay=0.5, policy=emakit.Policy(nonfinite="skip"))
     p["a"][1] = float("inf")
     p["b"].fill_(3.0)
     p["n"].fill_(4)
     ema.update()
-    assert torch.equal(ema.shadows["a"], torch.ones(3))
-    assert torch.equal(ema.shadows["b"], torch.full((2,), 2.0))
+    assert torch.equal(ema.averaged()["a"], torch.ones(3))
+    assert torch.equal(ema.averaged()["b"], torch.full((2,), 2.0))
     assert ema.nonfinite_skips() == {"a": 1, "b": 0, "n": 0}
-    assert int(ema.shadows["n"]) == 4
+    assert int(ema.averaged()["n"]) == 4
 
 
 def snapshot(model):
@@ -221,7 +219,7 @@ def test_swapped_computes_with_ema_and_restores_bitwise():
     params_before = list(model.parameters())
     with ema.swapped():
         assert torch.equal(model(x), reference(x))
-        assert model.conv.weight.data_ptr() == ema.shadows["conv.weight"].data_ptr()  # no copy
+        assert model.conv.weight.data_ptr() == ema.averaged()["conv.weight"].data_ptr()  # no copy
     after = snapshot(model)
     for k, (v, ptr) in before.items():
         assert torch.equal(after[k][0], v) and after[k][1] == ptr, k
@@ -238,7 +236,7 @@ def test_swapped_computes_with_ema_and_restores_bitwise():
 def test_swapped_copies_when_dtypes_differ_and_with_zero_init():
     torch.manual_seed(2)
     lin = torch.nn.Linear(4, 4).bfloat16()
-    for ema in (emakit.EMA(lin, decay=0.7), emakit.EMA(lin, decay=0.7, init="zeros")):
+    for ema in (emakit.EMA(lin, decay=0.7), emakit.EMA(lin, decay=0.7, start="zeros")):
         before = snapshot(lin)
         with torch.no_grad():
             lin.weight.mul_(2)
@@ -262,7 +260,7 @@ def test_swapped_with_shadow_offloaded_to_other_device_argument():
     before = snapshot(model)
     with ema.swapped():
         assert model.conv.weight.dtype == torch.float32
-        assert torch.equal(model.conv.weight, ema.shadows["conv.weight"].float())
+        assert torch.equal(model.conv.weight, ema.averaged()["conv.weight"].float())
     for k, (v, _) in before.items():
         assert torch.equal(model.state_dict()[k], v)
     with pytest.raises(ValueError, match=r"device='gpu0' is not a torch device"):
@@ -312,7 +310,7 @@ def test_seed_snippet_users_can_switch_by_changing_the_import():
         ours.update()
     assert set(ours.actions) == set(seed.shadow)
     for name, value in seed.shadow.items():
-        torch.testing.assert_close(ours.shadows[name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.averaged()[name], value, rtol=1e-5, atol=1e-6)
     x = torch.randn(2, 3, 8, 8)
     model.eval()
     raw = model(x)
@@ -333,8 +331,8 @@ def test_copy_to_plain_model_and_write_back():
     for name, value in ema.averaged().items():
         assert torch.equal(fresh_state[name], value), name
     ema.copy_to()  # write-back: the EMA becomes the training weights
-    assert torch.equal(model.conv.weight, ema.shadows["conv.weight"])
-    assert model.conv.weight.data_ptr() != ema.shadows["conv.weight"].data_ptr()
+    assert torch.equal(model.conv.weight, ema.averaged()["conv.weight"])
+    assert model.conv.weight.data_ptr() != ema.averaged()["conv.weight"].data_ptr()
 
 
 def test_source_that_changes_dtype_or_shape():
@@ -342,7 +340,7 @@ def test_source_that_changes_dtype_or_shape():
     ema = emakit.EMA(model, decay=0.5)
     model.double()  # parameters re-allocated in float64: found again by name, shadows stay fp32
     ema.update()
-    assert ema.shadows["conv.weight"].dtype == torch.float32
+    assert ema.averaged()["conv.weight"].dtype == torch.float32
     model.head = torch.nn.Linear(4 * 6 * 6, 7).double()
     with pytest.raises(ValueError, match=re.escape(
             "source tensor 'head.weight' has shape (7, 144) but its shadow has shape (5, 144)")):
@@ -366,8 +364,8 @@ def test_state_dict_survives_torch_save_with_weights_only():
     loaded = torch.load(buf, weights_only=True)["ema"]
     other = emakit.EMA(lin, decay=emakit.schedules.InverseGamma(power=0.75), every=2)
     other.load_state_dict(loaded)
-    assert other.shadows["weight"].dtype == torch.float32
-    assert torch.equal(other.shadows["weight"], ema.shadows["weight"])
+    assert other.averaged()["weight"].dtype == torch.float32
+    assert torch.equal(other.averaged()["weight"], ema.averaged()["weight"])
     assert (other.step, other.num_updates) == (5, 2)
 
 
@@ -378,11 +376,11 @@ def test_load_mismatches_are_reported_by_name_and_load_nothing():
     ema.update()
     good = ema.state_dict()
     target = emakit.EMA(model, decay=0.5)
-    keep = {k: v.clone() for k, v in target.shadows.items()}
+    keep = {k: v.clone() for k, v in target.averaged().items()}
 
     def unchanged():
         assert target.step == 0
-        assert all(torch.equal(target.shadows[k], v) for k, v in keep.items())
+        assert all(torch.equal(target.averaged()[k], v) for k, v in keep.items())
 
     bad = dict(good, shadows={**good["shadows"], "conv.weight": good["shadows"]["conv.weight"].double()})
     with pytest.raises(emakit.StateDictError, match=r"mismatched \(1\): 'conv.weight: dtype float64 != float32'"):
@@ -400,8 +398,8 @@ def test_load_mismatches_are_reported_by_name_and_load_nothing():
     unchanged()
     result = target.load_state_dict(dict(good, shadows=shadows), strict=False)
     assert result.missing == ["bn.weight"] and result.unexpected == ["extra"]
-    assert torch.equal(target.shadows["bn.weight"], keep["bn.weight"])
-    assert torch.equal(target.shadows["conv.weight"], ema.shadows["conv.weight"])
+    assert torch.equal(target.averaged()["bn.weight"], keep["bn.weight"])
+    assert torch.equal(target.averaged()["conv.weight"], ema.averaged()["conv.weight"])
 
 
 def test_grad_accumulation_updates_once_per_optimizer_step():
@@ -420,8 +418,8 @@ def test_state_moves_between_numpy_and_torch():
     t_src["w"].add_(2.0)
     et.update()
     en.load_state_dict(et.state_dict())
-    np.testing.assert_array_equal(en.shadows["w"], [1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(en.averaged()["w"], [1.0, 2.0, 3.0, 4.0])
     assert en.step == 1
     et2 = emakit.EMA({"w": torch.zeros(4), "n": torch.tensor(0)}, decay=0.5)
     et2.load_state_dict(en.state_dict())
-    assert torch.equal(et2.shadows["w"], et.shadows["w"])
+    assert torch.equal(et2.averaged()["w"], et.averaged()["w"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Any
 
@@ -13,7 +12,8 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 import emakit
-from emakit.backends import torch as torch_backend
+from emakit.backends.torch import layout as torch_layout
+from oracle import Cycle
 
 
 class Net(torch.nn.Module):
@@ -41,12 +41,14 @@ def train_step(model: Any, opt: Any, i: int) -> None:
     opt.step()
 
 
+def averaged_groups(ema: Any) -> list[Any]:
+    return [g for g in ema.update_plan() if g.role == "average"]
+
+
 def one_kernel(ema: Any) -> bool:
-    """The whole average is one lerp_ on two held 1-D views, outside autograd."""
-    plan = ema._plan
-    return bool(len(plan.lerps) == 1 and isinstance(plan.lerps[0], torch_backend._Direct)
-                and len(plan.lerps[0].shadows) == 1 and not plan.lerps[0].loose
-                and isinstance(plan.grad_off, contextlib.nullcontext))
+    """The whole average is one lerp_ over one run (two held 1-D views)."""
+    groups = averaged_groups(ema)
+    return [(g.kind, g.runs, g.loose) for g in groups] == [("direct", 1, 0)]
 
 
 def storages(model: Any) -> set[int]:
@@ -56,8 +58,8 @@ def storages(model: Any) -> set[int]:
 def assert_same_shadows(a: Any, b: Any) -> None:
     assert a.names == b.names
     for name in a.names:
-        assert a.shadows[name].dtype == b.shadows[name].dtype, name
-        assert torch.equal(a.shadows[name], b.shadows[name]), name
+        assert a.averaged()[name].dtype == b.averaged()[name].dtype, name
+        assert torch.equal(a.averaged()[name], b.averaged()[name]), name
 
 
 def test_flatten_keeps_values_shapes_strides_and_objects() -> None:
@@ -108,7 +110,7 @@ def test_flat_update_is_one_kernel_and_equals_the_loop_bitwise() -> None:
     flat = emakit.EMA(flat_model, decay=emakit.schedules.InverseGamma(power=0.75), every=2)
     loop = emakit.EMA(loop_model, decay=emakit.schedules.InverseGamma(power=0.75), every=2,
                       foreach=False)
-    assert len(storages_of(flat.shadows)) == 2  # flat shadows: float32 + int64
+    assert len(storages_of(flat.state_dict()["shadows"])) == 2  # flat: float32 + int64
     opt_f = torch.optim.SGD(flat_model.parameters(), lr=0.1, momentum=0.9)
     opt_l = torch.optim.SGD(loop_model.parameters(), lr=0.1, momentum=0.9)
     for i in range(1, 12):
@@ -116,9 +118,9 @@ def test_flat_update_is_one_kernel_and_equals_the_loop_bitwise() -> None:
         train_step(loop_model, opt_l, i)
         flat.update()
         loop.update()
-    plan = flat._plan
     assert one_kernel(flat)
-    assert [len(p.shadows) for p in plan.copies] == [1]  # the int64 counter: one copy_
+    copies = [g for g in flat.update_plan() if g.role == "copy"]
+    assert [g.runs + g.loose for g in copies] == [1]  # the int64 counter: one copy_
     assert_same_shadows(flat, loop)
     for (name, a), b in zip(flat_model.state_dict().items(), loop_model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -130,7 +132,7 @@ def storages_of(tensors: Any) -> set[int]:
 
 @pytest.mark.parametrize("staging", [1 << 20, 50])
 def test_flat_bf16_model_with_fp32_shadows_equals_the_loop(monkeypatch: Any, staging: int) -> None:
-    monkeypatch.setattr(torch_backend, "_STAGING_ELEMENTS", staging)
+    monkeypatch.setattr(torch_layout, "STAGING_ELEMENTS", staging)
     flat_model, loop_model = make().bfloat16(), make().bfloat16()
     emakit.flatten_parameters(flat_model)
     flat = emakit.EMA(flat_model, decay=0.9)
@@ -143,10 +145,10 @@ def test_flat_bf16_model_with_fp32_shadows_equals_the_loop(monkeypatch: Any, sta
                 b.add_(noise.bfloat16())
         flat.update()
         loop.update()
-    staged = [p for p in flat._plan.lerps if isinstance(p, torch_backend._Staged)]
-    assert len(staged) == 1 and not staged[0].loose  # the run is held, cut into chunks
+    staged = [g for g in averaged_groups(flat) if g.kind == "staged"]
+    assert [(g.runs, g.loose) for g in staged] == [(1, 0)]  # the run is held, cut into chunks
     if staging == 50:
-        assert len(staged[0].chunks) > 10
+        assert staged[0].chunks > 10
     assert_same_shadows(flat, loop)
 
 
@@ -292,18 +294,16 @@ def test_property_flat_equals_loop(shapes: list[list[int]], kinds: list[str],
 
     flat_model, loop_model = build(), build()
     emakit.flatten_parameters(flat_model)
-    sched = emakit.schedules.Constant(decays[0])
+    sched = Cycle(tuple(decays))  # the decay changes every step
     flat = emakit.EMA(flat_model, decay=sched, every=every)
     loop = emakit.EMA(loop_model, decay=sched, every=every, foreach=False)
     g = torch.Generator().manual_seed(1)
-    for step in range(1, 9):
+    for _ in range(1, 9):
         with torch.no_grad():
             for a, b in zip(flat_model.state_dict().values(), loop_model.state_dict().values()):
                 delta = (torch.randn(a.shape, generator=g) * 3).to(a.dtype)
                 a.add_(delta)
                 b.add_(delta)
-        d = decays[step % len(decays)]
-        flat._schedule = loop._schedule = emakit.schedules.Constant(d)
         flat.update()
         loop.update()
     assert_same_shadows(flat, loop)
@@ -321,29 +321,31 @@ def test_deepcopy_of_a_flat_model_stays_correct() -> None:
     assert layout.groups[0].names == ("conv.weight", "conv.bias", "bn.weight", "bn.bias",
                                       "head.weight", "head.bias")
     ema = emakit.EMA(twin, decay=0.5)
-    loop = emakit.EMA(make(), decay=0.5, foreach=False)
+    reference = make()
+    loop = emakit.EMA(reference, decay=0.5, foreach=False)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # the original moves; the copy must not
-        for p in (*twin.parameters(), *loop._source.module.parameters()):
+        for p in (*twin.parameters(), *reference.parameters()):
             p.mul_(2.0)
     ema.update()
     loop.update()
-    part = ema._plan.lerps[0]
     # two runs: the parameters, and the two buffers (still back to back in the copied buffer)
-    assert len(part.held_sources) == 2 and not part.loose
+    assert [(g.runs, g.loose) for g in averaged_groups(ema)] == [(2, 0)]
     assert_same_shadows(ema, loop)
 
 
 def test_an_ema_made_before_flattening_keeps_its_per_tensor_update() -> None:
     model = make()
     ema = emakit.EMA(model, decay=0.5)
-    loop = emakit.EMA(make(), decay=0.5, foreach=False)
+    reference = make()
+    loop = emakit.EMA(reference, decay=0.5, foreach=False)
     emakit.flatten_parameters(model)
     with torch.no_grad():
-        for p in (*model.parameters(), *loop._source.module.parameters()):
+        for p in (*model.parameters(), *reference.parameters()):
             p.mul_(2.0)
     ema.update()
     loop.update()
-    assert not one_kernel(ema) and not ema._plan.lerps[0].held  # shadows were not laid out flat
+    # the shadows were not laid out flat: no run, each tensor on its own
+    assert [g.runs for g in averaged_groups(ema)] == [0] and not one_kernel(ema)
     assert_same_shadows(ema, loop)

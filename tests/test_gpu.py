@@ -41,13 +41,13 @@ def test_fast_path_equals_loop_on_cuda():
         fast.update()
         loop.update()
     for k in src:
-        assert torch.equal(fast.shadows[k], loop.shadows[k]), k
+        assert torch.equal(fast.averaged()[k], loop.averaged()[k]), k
 
 
 def test_update_does_not_synchronise_on_cuda():
     src = cuda_source(0)
     for guard in (False, True):
-        ema = emakit.EMA(src, decay=0.99, skip_nonfinite=guard)
+        ema = emakit.EMA(src, decay=0.99, policy=emakit.Policy(nonfinite="skip" if guard else "average"))
         ema.update()  # first update builds the plan
         update_without_sync(ema)
 
@@ -56,13 +56,13 @@ def test_cpu_offloaded_shadow_of_cuda_model_swaps_and_restores_bitwise():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16)).cuda()
     ema = emakit.EMA(model, decay=0.9, device="cpu")
-    assert all(s.device.type == "cpu" for s in ema.shadows.values())
+    assert all(s.device.type == "cpu" for s in ema.averaged().values())
     with torch.no_grad():
         model[0].weight.add_(1.0)
     ema.update()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with ema.swapped():
-        assert torch.equal(model[0].weight.cpu(), ema.shadows["0.weight"])
+        assert torch.equal(model[0].weight.cpu(), ema.averaged()["0.weight"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -87,24 +87,21 @@ def test_flat_and_multi_on_cuda_equal_the_loop():
         multi.update()
         for e in loops:
             e.update()
-    assert multi._shared is not None and multi._shared[1] is not None
+    assert multi.one_pass
     for got, want in zip(multi, loops):
         for k in got.names:
-            assert torch.equal(got.shadows[k], want.shadows[k]), k
+            assert torch.equal(got.averaged()[k], want.averaged()[k]), k
 
 
 def test_offloaded_update_equals_the_loop_without_synchronising():
     """CUDA model, host shadows: pinned mirror, non-blocking copies, the fold on the worker."""
-    import emakit.backends.torch as torch_backend
-
     src = cuda_source(0)
     ema = emakit.EMA(src, decay=0.9, device="cpu")
     loop = emakit.EMA(src, decay=0.9, device="cpu", foreach=False)
     ema.update()
     loop.update()
-    parts = ema._plan.lerps + ema._plan.copies
-    assert parts and all(isinstance(p, torch_backend._Offloaded) for p in parts)
-    assert all(p.mirror[0].is_pinned() for p in parts)
+    groups = ema.update_plan()
+    assert groups and all(g.kind == "offloaded" and g.pinned for g in groups)
     for i in range(1, 6):
         for k, v in cuda_source(i).items():
             src[k].copy_(v)
@@ -114,7 +111,7 @@ def test_offloaded_update_equals_the_loop_without_synchronising():
         for v in src.values():
             v.mul_(3)
     for k in src:
-        assert torch.equal(ema.shadows[k], loop.shadows[k]), k
+        assert torch.equal(ema.averaged()[k], loop.averaged()[k]), k
 
 
 def test_offloaded_flat_model_and_swap_on_cuda():
@@ -136,13 +133,13 @@ def test_offloaded_flat_model_and_swap_on_cuda():
                     p.add_(0.01 * (i + 1))
         ema.update()
         loop.update()
-    assert len(ema._plan.lerps[0].held_sources) == 1
+    assert ema.update_plan()[0].runs == 1
     for k in loop.names:
-        assert torch.equal(ema.shadows[k], loop.shadows[k]), k
+        assert torch.equal(ema.averaged()[k], loop.averaged()[k]), k
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with ema.swapped():
         assert torch.equal(model[0].weight.float().cpu(),
-                           ema.shadows["0.weight"].bfloat16().float())
+                           ema.averaged()["0.weight"].bfloat16().float())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -167,7 +164,7 @@ def test_offload_overlap_on_a_side_stream_equals_the_loop():
             m(x.bfloat16()).float().square().mean().backward()
             opt.step()
             opt.zero_grad()
-    assert ema._plan.lerps[0].stream is not None
+    assert ema.update_plan()[0].side_stream
     for k in loop.names:
-        assert torch.equal(ema.shadows[k], loop.shadows[k]), k
+        assert torch.equal(ema.averaged()[k], loop.averaged()[k]), k
     attachment.remove()

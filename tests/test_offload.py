@@ -14,12 +14,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import emakit
-import emakit.backends.torch as torch_backend
+from emakit.backends.torch import offload as torch_offload
+from emakit.backends.torch import parts as torch_parts
 
 
 @pytest.fixture
 def offloaded(monkeypatch):
-    monkeypatch.setattr(torch_backend, "_offloads", lambda source, shadow: True)
+    monkeypatch.setattr(torch_offload, "offloads", lambda source, shadow: True)
 
 
 def make_model(dtype=torch.float32, seed=0):
@@ -48,14 +49,14 @@ class Gate:
 
     def __init__(self):
         self.event = threading.Event()
-        torch_backend._worker().submit(self.event.wait, 10)
+        torch_offload.worker().submit(self.event.wait, 10)
 
     def open_later(self, seconds=0.05):
         threading.Timer(seconds, self.event.set).start()
 
 
 def part_kinds(ema):
-    return {type(p).__name__ for p in ema._plan.lerps + ema._plan.copies}
+    return {g.kind for g in ema.update_plan()}
 
 
 @pytest.mark.parametrize("flat", [False, True])
@@ -70,13 +71,12 @@ def test_offloaded_update_equals_the_loop(offloaded, flat, dtype):
         perturb([model, ref], i)
         ema.update()
         loop.update()
-    assert part_kinds(ema) == {"_Offloaded"}
+    assert part_kinds(ema) == {"offloaded"}
     for name in loop.names:
-        assert torch.equal(ema.shadows[name], loop.shadows[name]), name
+        assert torch.equal(ema.averaged()[name], loop.averaged()[name]), name
     if flat:  # one copy into the mirror and one host lerp for the whole flat buffer
-        lerp = ema._plan.lerps[0]
-        assert len(lerp.held_sources) == 1 and not lerp.loose
-        assert len(lerp.host.held_sources) == 1 and not lerp.host.loose
+        (lerp,) = [g for g in ema.update_plan() if g.role == "average"]
+        assert (lerp.runs, lerp.loose) == (1, 0)
 
 
 def test_the_update_reads_the_weights_of_its_step(offloaded):
@@ -91,11 +91,11 @@ def test_the_update_reads_the_weights_of_its_step(offloaded):
     perturb([model], 1)  # while the host fold still waits behind the gate
     gate.open_later()
     for name in loop.names:
-        assert torch.equal(ema.shadows[name], loop.shadows[name]), name
+        assert torch.equal(ema.averaged()[name], loop.averaged()[name]), name
 
 
 READS = {
-    "shadows": lambda ema: dict(ema.shadows),
+    "shadows": lambda ema: ema.averaged(),
     "averaged": lambda ema: ema.averaged(),
     "model_state_dict": lambda ema: ema.model_state_dict(),
     "state_dict": lambda ema: ema.state_dict()["shadows"],
@@ -154,14 +154,14 @@ def test_writes_to_the_shadows_wait_for_the_pending_update(offloaded):
     gate.open_later()
     ema.load_state_dict(state)
     for name in ema.names:
-        assert torch.equal(ema.shadows[name], saved[name]), name
+        assert torch.equal(ema.averaged()[name], saved[name]), name
     perturb([model], 1)
     gate = Gate()
     ema.update()
     gate.open_later()
     ema.register()
     for name, weight in model.state_dict().items():
-        assert torch.equal(ema.shadows[name], weight), name
+        assert torch.equal(ema.averaged()[name], weight), name
 
 
 def test_a_new_plan_waits_for_the_old_one(offloaded):
@@ -175,16 +175,16 @@ def test_a_new_plan_waits_for_the_old_one(offloaded):
     perturb([model, ref], 1)
     ema.update()
     loop.update()
-    old = ema._plan
+    old = ema.update_plan()
     for m in (model, ref):  # another dtype: the next update plans again
         m.double()
     gate.open_later()
     perturb([model, ref], 2)
     ema.update()
     loop.update()
-    assert ema._plan is not old
+    assert ema.update_plan() != old and "float64@cpu" in ema.update_plan()[0].source
     for name in loop.names:
-        assert torch.equal(ema.shadows[name], loop.shadows[name]), name
+        assert torch.equal(ema.averaged()[name], loop.averaged()[name]), name
 
 
 def test_an_error_in_the_worker_is_raised_at_the_next_read(offloaded, monkeypatch):
@@ -195,7 +195,7 @@ def test_an_error_in_the_worker_is_raised_at_the_next_read(offloaded, monkeypatc
     def broken(self, sources, weight):
         raise RuntimeError("host fold failed")
 
-    monkeypatch.setattr(torch_backend._Direct, "lerp_", broken)
+    monkeypatch.setattr(torch_parts.Direct, "lerp_", broken)
     ema.update()  # returns: the error happens on the worker
     with pytest.raises(RuntimeError, match="host fold failed"):
         ema.averaged()
@@ -211,15 +211,15 @@ def test_multi_ema_offloaded_equals_its_loops(offloaded):
         multi.update()
         for e in loops:
             e.update()
-    assert multi._shared is not None and multi._shared[1] is None  # each plan copies its own
+    assert not multi.one_pass  # each plan copies its own
     for got, want in zip(multi, loops):
         for name in want.names:
-            assert torch.equal(got.shadows[name], want.shadows[name]), name
+            assert torch.equal(got.averaged()[name], want.averaged()[name]), name
 
 
 def test_the_worker_is_one_thread_and_named():
-    worker = torch_backend._worker()
-    assert worker is torch_backend._worker()
+    worker = torch_offload.worker()
+    assert worker is torch_offload.worker()
     name = worker.submit(lambda: threading.current_thread().name).result()
     assert name.startswith("emakit-offload")
 
@@ -235,8 +235,8 @@ def train(model, opt, steps, seed=0):
 
 def test_attach_with_overlap_fences_before_each_step_and_equals_the_loop(offloaded, monkeypatch):
     fenced = []
-    real_fence = torch_backend._Offloaded.fence
-    monkeypatch.setattr(torch_backend._Offloaded, "fence",
+    real_fence = torch_offload.Offloaded.fence
+    monkeypatch.setattr(torch_offload.Offloaded, "fence",
                         lambda self: (fenced.append(self), real_fence(self)))
     no_buffers = emakit.Policy(buffers="skip")
     model, ref = make_model(), make_model()
@@ -250,13 +250,13 @@ def test_attach_with_overlap_fences_before_each_step_and_equals_the_loop(offload
     train(ref, ref_opt, 5)
     assert ema.step == loop.step == 5
     assert len(fenced) == 4  # before steps 2..5: the update of the step before (one part)
-    assert ema._plan.lerps[0].stream is None  # a side stream only for a CUDA model
+    assert not ema.update_plan()[0].side_stream  # a side stream only for a CUDA model
     for name in loop.names:
-        assert torch.equal(ema.shadows[name], loop.shadows[name]), name
+        assert torch.equal(ema.averaged()[name], loop.averaged()[name]), name
     attachment.remove()
     attachment.remove()  # a second call does nothing
     ref_handle.remove()
-    assert ema.attachment is None and ema._plan is None  # the next update plans without overlap
+    assert ema.attachment is None and not ema.overlap  # the next update plans without overlap
     train(model, opt, 1)
     assert ema.step == 5 and len(fenced) == 4
 

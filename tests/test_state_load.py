@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 def _trained(**options):
     w = {"w": torch.arange(4.0), "n": torch.tensor([3])}
-    ema = emakit.EMA(w, decay=0.9, skip_nonfinite=True, **options)
+    ema = emakit.EMA(w, decay=0.9, policy=emakit.Policy(nonfinite="skip"), **options)
     w["w"] += 1.0
     ema.update()
     ema.update()
@@ -67,7 +67,7 @@ def test_a_malformed_entry_is_refused_and_changes_nothing(case):
     state[key] = value
     _, ema = _trained()
     with torch.no_grad():
-        next(iter(ema.shadows.values())).add_(5.0)  # differs from the state it refuses
+        next(iter(ema.averaged().values())).add_(5.0)  # differs from the state it refuses
     before = _fingerprint(ema)
     with pytest.raises(emakit.StateDictError) as info:
         ema.load_state_dict(state)
@@ -78,7 +78,7 @@ def test_a_malformed_entry_is_refused_and_changes_nothing(case):
 
 def test_a_bad_second_average_of_a_multi_ema_leaves_the_first_as_it_was():
     w = {"w": torch.arange(4.0)}
-    emas = emakit.MultiEMA(w, decays=(0.5, 0.9), skip_nonfinite=True)
+    emas = emakit.MultiEMA(w, decays=(0.5, 0.9), policy=emakit.Policy(nonfinite="skip"))
     w["w"] += 1.0
     emas.update()
     state = emas.state_dict()

@@ -15,12 +15,14 @@
 
 from emakit import schedules
 from emakit.best import KeepBest
-from emakit.ema import EMA, FORMAT_VERSION, LoadResult
+from emakit.clock import Start
+from emakit.ema import EMA
 from emakit.errors import EMAWarning, StateDictError, SwapError
 from emakit.flat import FlatLayout, flatten_parameters
 from emakit.io.checkpoint import load, read_state, save
 from emakit.multi import MultiEMA
 from emakit.policy import Policy
+from emakit.state import FORMAT_VERSION, LoadResult
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,7 @@ __all__ = [
     "LoadResult",
     "MultiEMA",
     "Policy",
+    "Start",
     "StateDictError",
     "SwapError",
     "__version__",

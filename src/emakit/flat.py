@@ -22,14 +22,9 @@ from __future__ import annotations
 import weakref
 from typing import Any, NamedTuple
 
-__all__ = ["FlatGroup", "FlatLayout", "flatten_parameters", "generation"]
+__all__ = ["FlatGroup", "FlatLayout", "flatten_parameters"]
 
 _MADE: weakref.WeakSet[Any] = weakref.WeakSet()  # storages this module allocated (while alive)
-
-generation = 0
-"""Bumped by every :func:`flatten_parameters` call that moved a tensor: an EMA whose plan is
-older plans again at its next update, so it finds the new single-buffer layout."""
-
 
 class FlatGroup(NamedTuple):
     """One flat buffer: the tensors of one (device, dtype), in order."""
@@ -61,7 +56,7 @@ def _tiled(tensors: list[Any], *, in_order: bool = False) -> bool:
 
     With ``in_order``, also back to back in the order given (the layout flattening makes).
     """
-    from emakit.backends.torch import is_dense
+    from emakit.backends.torch.layout import is_dense
 
     storage = tensors[0].untyped_storage()
     base = storage.data_ptr()
@@ -118,10 +113,9 @@ def flatten_parameters(module: Any, *, buffers: bool = True) -> FlatLayout:
         [('float32', 4, 23)]
         >>> ema = emakit.EMA(model, decay=0.9)      # one lerp_ per update
     """
-    global generation
     import torch
 
-    from emakit.backends.torch import is_dense
+    from emakit.backends.torch import layout
 
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"flatten_parameters needs a torch.nn.Module, got "
@@ -141,7 +135,7 @@ def flatten_parameters(module: Any, *, buffers: bool = True) -> FlatLayout:
             skipped[name] = f"a {type(t).__name__}, not a plain tensor"
         elif t.device.type == "meta" or t.layout != torch.strided:
             skipped[name] = f"a {t.layout} tensor on {t.device}"
-        elif not is_dense(t):
+        elif not layout.is_dense(t):
             skipped[name] = f"non-dense strides {tuple(t.stride())}"
         else:
             groups.setdefault((t.device, t.dtype), []).append((name, t))
@@ -183,5 +177,5 @@ def flatten_parameters(module: Any, *, buffers: bool = True) -> FlatLayout:
             out.append(FlatGroup(str(device), str(dtype).removeprefix("torch."),
                                  tuple(n for n, _ in members), sum(t.numel() for t in tensors)))
     if moved:
-        generation += 1
+        layout.bump_generation()  # EMAs planned before look for the new runs
     return FlatLayout(tuple(out), skipped, moved)

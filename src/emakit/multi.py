@@ -19,9 +19,11 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from emakit.ema import EMA, FORMAT_VERSION, LoadResult
+from emakit import engine
+from emakit.ema import EMA
 from emakit.errors import StateDictError
 from emakit.schedules import Schedule
+from emakit.state import FORMAT_VERSION, LoadResult
 
 __all__ = ["MultiEMA"]
 
@@ -74,7 +76,7 @@ class MultiEMA:
                 "MultiEMA(model, decays=(0.999, 0.9999)); for one average use EMA(model, ...)."
             )
         self._members = [EMA(source, decay=d, **options) for d in decays]
-        self._shared: tuple[list[Any], Any] | None = None
+        self._shared = engine.SharedCache()
 
     # ------------------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -95,6 +97,12 @@ class MultiEMA:
     def step(self) -> int:
         """The last optimizer step seen by :meth:`update` (the same for every average)."""
         return self._members[0].step
+
+    @property
+    def one_pass(self) -> bool:
+        """True if the last update read the weights once for all averages (one chunked pass
+        over a flattened module); False if each average read them itself."""
+        return self._shared.shared is not None
 
     def __repr__(self) -> str:
         decays = ", ".join(repr(m.schedule) for m in self._members)
@@ -117,49 +125,14 @@ class MultiEMA:
         with contextlib.ExitStack() as held:
             for m in self._members:
                 held.enter_context(m.lock)
-            return self._update(step)
-
-    def _update(self, step: int | None) -> bool:
-        members = self._members
-        steps = {m.step for m in members}
-        if len(steps) > 1:
-            raise ValueError(
-                f"the averages are at different steps {sorted(steps)}: one was updated on its "
-                "own (emas[k].update()). Update them only through MultiEMA.update(), or keep "
-                "separate EMA objects."
-            )
-        # same step and every for all: they all update, or all skip
-        begun = [b for b in (m._begin(step) for m in members) if b is not None]
-        if not begun:
-            return False
-        sources, first = members[0]._prepare()
-        plans = [first] + [m._prepare(sources)[1] for m in members[1:]]
-        weights = [1.0 - decay for _, decay in begun]
-        if members[0]._guard:
-            for m, (_, decay) in zip(members, begun):
-                m._guarded(sources, decay)
-        else:
-            shared = self._shared_read(plans)
-            if shared is not None:
-                shared.lerp_(weights)
-            else:
-                for plan, w in zip(plans, weights):
-                    plan.lerp_(sources, w)
-            if members[0]._copy_shadows:
-                for plan in plans:
-                    plan.copy_(sources)
-        for m, (t, decay) in zip(members, begun):
-            m._finish(t, decay)
-        return True
-
-    def _shared_read(self, plans: list[Any]) -> Any:
-        cached = self._shared
-        if cached is not None and len(cached[0]) == len(plans) and \
-                all(a is b for a, b in zip(cached[0], plans)):
-            return cached[1]
-        shared = self._members[0]._backend.shared_read(plans)
-        self._shared = (plans, shared)
-        return shared
+            steps = {m.step for m in self._members}
+            if len(steps) > 1:
+                raise ValueError(
+                    f"the averages are at different steps {sorted(steps)}: one was updated on "
+                    "its own (emas[k].update()). Update them only through MultiEMA.update(), or "
+                    "keep separate EMA objects.")
+            # same step and every for all: they all update, or all skip
+            return engine.update(self._members, step, shared=self._shared)
 
     # ------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -191,11 +164,4 @@ class MultiEMA:
             raise StateDictError(
                 f"the state holds {count!r} averages, this MultiEMA has {len(self._members)}",
                 fix="Build the MultiEMA with the decays it was saved with.")
-        checked = []
-        for k, (m, s) in enumerate(zip(self._members, members)):
-            m._check_not_swapped("load_state_dict() called")
-            try:
-                checked.append(m._checked_state(s, strict))
-            except StateDictError as exc:
-                raise exc.located(f"average {k}") from None
-        return [m._apply_state(c) for m, c in zip(self._members, checked)]
+        return engine.load(self._members, members, strict=strict)

@@ -13,6 +13,11 @@ Rules, first match wins:
 
 Patterns are shell-style globs (:mod:`fnmatch`) on the dotted name, e.g. ``"*.running_*"``.
 
+``nonfinite`` says what an update does with a tensor that is not all finite: ``"average"`` folds
+it in like any other (the fastest update), ``"skip"`` leaves that tensor's shadow as it was for
+that update and counts the skip (``EMA.nonfinite_skips()``), so one diverging step cannot put
+NaN into the average.
+
 Example:
     >>> p = Policy(buffers="copy", exclude=("head.*",))
     >>> p.action("body.bn.running_mean", floating=True, buffer=True)
@@ -28,9 +33,10 @@ import fnmatch
 from collections.abc import Iterable
 from typing import Any, Literal, cast
 
-__all__ = ["ACTIONS", "Action", "Policy"]
+__all__ = ["ACTIONS", "Action", "Nonfinite", "Policy"]
 
 Action = Literal["average", "copy", "skip"]
+Nonfinite = Literal["average", "skip"]
 ACTIONS: tuple[Action, ...] = ("average", "copy", "skip")
 
 
@@ -69,6 +75,8 @@ class Policy:
         include: if given, only names matching one of these globs are tracked.
         exclude: names matching one of these globs are not tracked.
         copy: names matching one of these globs are copied instead of averaged.
+        nonfinite: ``"average"`` (default) or ``"skip"``: an update leaves a tensor that is not
+            all finite out (its shadow keeps its value) and counts it.
     """
 
     buffers: Action = "average"
@@ -76,10 +84,14 @@ class Policy:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     copy: tuple[str, ...] = ()
+    nonfinite: Nonfinite = "average"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "buffers", _action("buffers", self.buffers))
         object.__setattr__(self, "frozen", _action("frozen", self.frozen))
+        if self.nonfinite not in ("average", "skip"):
+            raise ValueError(f"nonfinite must be 'average' or 'skip', got {self.nonfinite!r}. "
+                             "Example: Policy(nonfinite='skip') keeps NaN/Inf out of the average.")
         for field in ("include", "exclude", "copy"):
             object.__setattr__(self, field, _patterns(field, getattr(self, field)))
 
@@ -113,4 +125,5 @@ class Policy:
             "include": list(self.include),
             "exclude": list(self.exclude),
             "copy": list(self.copy),
+            "nonfinite": self.nonfinite,
         }

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from emakit.backends import Plan, TensorInfo, bad_dtype
+from emakit.backends import Backend, GroupInfo, Plan, TensorInfo, bad_dtype
 
 __all__ = ["BACKEND", "NumpyBackend", "lerp_into"]
 
@@ -74,12 +74,13 @@ class _FlatGroup:
         lerp_into(self.flat, self.staging, weight)
 
 
-class _NumpyPlan:
+class _NumpyPlan(Plan):
     def __init__(self, avg_shadows: Sequence[Array], copy_shadows: Sequence[Array],
                  sources: Sequence[Any], fast: bool) -> None:
         self.shadows = list(avg_shadows)
         self.copy_shadows = list(copy_shadows)
         self.signature = _signature(sources)
+        self.source_dtypes = [np.asarray(x).dtype.name for x in sources]
         self.groups: list[_FlatGroup] = []
         self.loose: list[int] = list(range(len(self.shadows)))
         if fast:
@@ -103,11 +104,23 @@ class _NumpyPlan:
         for d, s in zip(self.copy_shadows, sources[len(self.shadows):]):
             np.copyto(d, s, casting="unsafe")
 
-    def settle(self) -> None:
-        """Nothing to wait for: numpy updates are done when ``lerp_`` returns."""
+    def describe(self) -> tuple[GroupInfo, ...]:
+        def where(dtypes: Sequence[str]) -> str:
+            return ", ".join(f"{d}@cpu" for d in sorted(set(dtypes)))
 
-    def fence(self) -> None:
-        """Nothing to fence: numpy updates read the sources before ``lerp_`` returns."""
+        n = len(self.shadows)
+        out = [GroupInfo("average", "direct", len(g.index), 1, 0, where([g.flat.dtype.name]),
+                         where([self.source_dtypes[i] for i in g.index])) for g in self.groups]
+        if self.loose:
+            out.append(GroupInfo("average", "loop", len(self.loose), 0, len(self.loose),
+                                 where([self.shadows[i].dtype.name for i in self.loose]),
+                                 where([self.source_dtypes[i] for i in self.loose])))
+        if self.copy_shadows:
+            out.append(GroupInfo("copy", "loop", len(self.copy_shadows), 0,
+                                 len(self.copy_shadows),
+                                 where([s.dtype.name for s in self.copy_shadows]),
+                                 where(self.source_dtypes[n:])))
+        return tuple(out)
 
 
 def _signature(xs: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -144,7 +157,7 @@ def _flat_groups(shadows: list[Array]) -> tuple[list[_FlatGroup], list[int]]:
     return groups, sorted(loose)
 
 
-class NumpyBackend:
+class NumpyBackend(Backend):
     """numpy arrays on the CPU."""
 
     name = "numpy"
@@ -203,9 +216,6 @@ class NumpyBackend:
              sources: Sequence[Any], *, fast: bool, overlap: bool = False) -> Plan:
         return _NumpyPlan(avg_shadows, copy_shadows, sources, fast)  # reads before returning
 
-    def shared_read(self, plans: Sequence[Any]) -> Any:
-        return None  # each average reads the arrays itself
-
     def copy_(self, dsts: Sequence[Any], srcs: Sequence[Any]) -> None:
         for d, s in zip(dsts, srcs):
             np.copyto(d, s, casting="unsafe")
@@ -252,12 +262,6 @@ class NumpyBackend:
 
     def converted(self, x: Any, like: Any, device: object = None) -> Any:
         return np.array(x, dtype=like.dtype, copy=True)
-
-    def can_alias(self, target: Any, value: Any) -> bool:
-        return False
-
-    def repoint(self, target: Any, value: Any) -> Any:
-        raise TypeError("numpy arrays cannot be re-pointed; emakit copies into them instead.")
 
     def as_native(self, x: object, name: str) -> Any:
         if isinstance(x, np.ndarray):

@@ -1,0 +1,133 @@
+"""The update kernels of one group of (shadow, source) pairs: direct, or staged through a buffer.
+
+A :class:`Direct` group folds sources that already have the shadows' dtype and device in with
+one ``lerp_`` (one run) or one ``_foreach_lerp_``; a :class:`Staged` group converts chunks of
+sources (a bf16 model's fp32 shadows, another device) into a preallocated staging buffer and
+folds each chunk in while it is still in the caches. No allocation and no host/device
+synchronisation per update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from emakit.backends import GroupInfo
+from emakit.backends.torch import layout
+from emakit.backends.torch.layout import find_runs, region, where
+
+__all__ = ["Direct", "Part", "Staged", "copy_all"]
+
+
+class Part:
+    """The pairs of one (shadow device, dtype, source device, dtype) group, as kernel operands.
+
+    Runs become one pair of 1-D views each, held by the part (so their storage stays alive and
+    a source at the recorded address is still that memory); loose tensors are read from the
+    sources list at every update.
+    """
+
+    def __init__(self, index: list[int], shadows: list[torch.Tensor],
+                 sources: list[torch.Tensor]) -> None:
+        runs, loose = find_runs(shadows, sources)
+        self.held = [index[k] for run in runs for k in run]
+        self.held_shadows = [region([shadows[k] for k in run]) for run in runs]
+        self.held_sources = [region([sources[k] for k in run]) for run in runs]
+        self.loose = [index[k] for k in loose]
+        self.loose_shadows = [shadows[k] for k in loose]
+        self.shadows = self.held_shadows + self.loose_shadows
+        self.source_kind = where(sources[0])
+
+    kind = "direct"
+
+    def describe(self, role: str) -> GroupInfo:
+        """What this part updates, and how (:class:`emakit.backends.GroupInfo`)."""
+        tensors = len(self.held) + len(self.loose)
+        return GroupInfo(role, self.kind, tensors, len(self.held_shadows), len(self.loose),
+                         where(self.shadows[0]), self.source_kind)
+
+    def sources(self, sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.loose:
+            return self.held_sources
+        return self.held_sources + [sources[i] for i in self.loose]
+
+    def copy_(self, sources: Sequence[torch.Tensor]) -> None:
+        copy_all(self.shadows, self.sources(sources))
+
+
+def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor], *,
+              non_blocking: bool = False) -> None:
+    """``dsts[i].copy_(srcs[i])`` for all i, as one kernel call where there are several."""
+    if len(dsts) == 1:
+        dsts[0].copy_(srcs[0], non_blocking=non_blocking)
+    elif dsts:
+        torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
+
+
+class Direct(Part):
+    """Sources already in the shadows' dtype and device: one ``lerp_`` (or copy) per group."""
+
+    def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
+        srcs = self.sources(sources)
+        if len(srcs) == 1:
+            self.shadows[0].lerp_(srcs[0], weight)
+        elif srcs:
+            torch._foreach_lerp_(self.shadows, srcs, weight)
+
+
+
+class Staged(Part):
+    """Sources needing a dtype or device conversion: chunked through a staging buffer.
+
+    Chunk by chunk, ``_foreach_copy_`` converts sources into views of a preallocated staging
+    buffer and ``_foreach_lerp_`` folds them in: no allocation per update, and the converted
+    chunk is still in the caches when the lerp reads it. Held runs are cut into pieces of at
+    most the staging size; a loose tensor larger than that gets a staging buffer of its size.
+    """
+
+    kind = "staged"
+
+    def describe(self, role: str) -> GroupInfo:
+        return super().describe(role)._replace(chunks=len(self.chunks))
+
+    def __init__(self, index: list[int], shadows: list[torch.Tensor],
+                 sources: list[torch.Tensor]) -> None:
+        super().__init__(index, shadows, sources)
+        loose_sizes = [s.numel() for s in self.loose_shadows]
+        total = sum(s.numel() for s in self.shadows)
+        budget = max(min(layout.STAGING_ELEMENTS, total), *loose_sizes, 1)
+        # items: (shadow piece, held source piece or position of a loose source)
+        items: list[tuple[torch.Tensor, torch.Tensor | int]] = []
+        for shadow, src in zip(self.held_shadows, self.held_sources):
+            for lo in range(0, shadow.numel(), budget):
+                items.append((shadow[lo:lo + budget], src[lo:lo + budget]))
+        items.extend(zip(self.loose_shadows, self.loose))
+        self.staging = torch.empty(budget, dtype=shadows[0].dtype, device=shadows[0].device)
+        self.chunks: list[tuple[list[torch.Tensor], list[torch.Tensor | int],
+                                list[torch.Tensor]]] = []
+        used = 0
+        chunk: tuple[list[torch.Tensor], list[torch.Tensor | int], list[torch.Tensor]] = (
+            [], [], [])
+        for piece, at in items:
+            n = piece.numel()
+            if used + n > budget:
+                self.chunks.append(chunk)
+                chunk, used = ([], [], []), 0
+            chunk[0].append(piece)
+            chunk[1].append(at)
+            chunk[2].append(self.staging[used:used + n].view(piece.shape))
+            used += n
+        if chunk[0]:
+            self.chunks.append(chunk)
+
+    def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
+        for shadows, srcs, views in self.chunks:
+            got = [sources[s] if isinstance(s, int) else s for s in srcs]
+            if len(got) == 1:
+                views[0].copy_(got[0])
+                shadows[0].lerp_(views[0], weight)
+            else:
+                torch._foreach_copy_(views, got)
+                torch._foreach_lerp_(shadows, views, weight)
+

@@ -1,0 +1,133 @@
+"""The prepared update of one EMA over torch tensors, and its per-update check.
+
+A :class:`TorchPlan` groups the shadows by (shadow device, dtype, source device, dtype), builds
+the kernel part of each group (:mod:`~emakit.backends.torch.parts`, or
+:mod:`~emakit.backends.torch.offload` for host shadows of a CUDA model), and re-checks on every
+update, with one pointer read per held tensor, that the sources still lie where it expects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from emakit.backends import GroupInfo, Plan
+from emakit.backends.torch import layout, offload
+from emakit.backends.torch.layout import group_positions, signature, where
+from emakit.backends.torch.offload import Offloaded
+from emakit.backends.torch.parts import Direct, Staged
+
+__all__ = ["TorchPlan", "part_for"]
+
+
+class TorchPlan(Plan):
+    """The prepared update of one EMA: averaged groups, copied groups, and how to re-check them.
+
+    :meth:`fits` is what every update pays to know the plan still describes the sources: one
+    pointer read per tensor held in a run (sound because the plan keeps that memory alive),
+    and shape/dtype/device for loose tensors (they are read afresh anyway).
+    """
+
+    def __init__(self, avg_shadows: Sequence[torch.Tensor], copy_shadows: Sequence[torch.Tensor],
+                 sources: Sequence[torch.Tensor], fast: bool, overlap: bool) -> None:
+        n = len(avg_shadows)
+        self.loop = not fast
+        self.sources_at_plan = [where(x) for x in sources]  # for describe()
+        self.avg_shadows = list(avg_shadows)
+        self.copy_shadows = list(copy_shadows)
+        self.lerps: list[Direct | Staged | Offloaded] = []
+        self.copies: list[Direct | Staged | Offloaded] = []  # never Staged (see part_for)
+        if fast:
+            for index in group_positions(avg_shadows, sources[:n]):
+                shadows, srcs = [avg_shadows[i] for i in index], [sources[i] for i in index]
+                self.lerps.append(part_for(shadows, srcs, index, overlap, copied=False))
+            for index in group_positions(copy_shadows, sources[n:]):
+                at = [n + i for i in index]
+                shadows, srcs = [copy_shadows[i] for i in index], [sources[i] for i in at]
+                self.copies.append(part_for(shadows, srcs, at, overlap, copied=True))
+        parts = [*self.lerps, *self.copies]
+        self.offloaded = [p for p in parts if isinstance(p, Offloaded)]
+        held = sorted(i for p in parts for i in p.held)
+        self.held = held if len(held) < len(sources) else None  # None: every source is held
+        self.held_ptrs = [sources[i].data_ptr() for i in held]
+        self.loose = sorted(set(range(len(sources))) - set(held))
+        self.loose_signature = signature([sources[i] for i in self.loose])
+        self.generation = layout.generation
+        # held runs are detached views: autograd needs switching off only for loose sources
+        detached = fast and not any(p.loose for p in self.lerps)
+        self.grad_off: Any = contextlib.nullcontext() if detached else torch.no_grad()
+
+    def fits(self, sources: Sequence[torch.Tensor]) -> bool:
+        if layout.generation != self.generation:  # a module was flattened: look for runs again
+            return False
+        try:
+            if self.held is None:
+                return list(map(torch.Tensor.data_ptr, sources)) == self.held_ptrs
+            if self.held_ptrs and [sources[i].data_ptr() for i in self.held] != self.held_ptrs:
+                return False
+            return signature([sources[i] for i in self.loose]) == self.loose_signature
+        except (AttributeError, TypeError):  # an entry is no longer a tensor: validate
+            return False
+
+    def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
+        with self.grad_off:
+            if self.loop:
+                for shadow, src in zip(self.avg_shadows, sources):
+                    shadow.lerp_(src.to(device=shadow.device, dtype=shadow.dtype), weight)
+                return
+            for part in self.lerps:
+                part.lerp_(sources, weight)
+
+    def copy_(self, sources: Sequence[torch.Tensor]) -> None:
+        with torch.no_grad():
+            if self.loop:
+                n = len(self.avg_shadows)
+                for shadow, src in zip(self.copy_shadows, sources[n:]):
+                    shadow.copy_(src)
+                return
+            for part in self.copies:
+                part.copy_(sources)
+
+    def describe(self) -> tuple[GroupInfo, ...]:
+        if self.loop:
+            return tuple(_loop_info(role, shadows, sources) for role, shadows, sources in (
+                ("average", self.avg_shadows, self.sources_at_plan[:len(self.avg_shadows)]),
+                ("copy", self.copy_shadows, self.sources_at_plan[len(self.avg_shadows):]))
+                if shadows)
+        return tuple(part.describe(role) for role, parts in (("average", self.lerps),
+                                                             ("copy", self.copies))
+                     for part in parts)
+
+    def settle(self) -> None:
+        for part in self.offloaded:
+            part.settle()
+
+    def fence(self) -> None:
+        for part in self.offloaded:
+            part.fence()
+
+
+def _loop_info(role: str, shadows: Sequence[torch.Tensor], sources: Sequence[str]
+               ) -> GroupInfo:
+    kinds = sorted(set(sources))
+    return GroupInfo(role, "loop", len(shadows), 0, len(shadows),
+                     ", ".join(sorted({where(s) for s in shadows})), ", ".join(kinds))
+
+
+def part_for(shadows: list[torch.Tensor], sources: list[torch.Tensor], index: list[int],
+             overlap: bool, *, copied: bool) -> Direct | Staged | Offloaded:
+    """The part for one group, by the kind of its shadows and sources.
+
+    Copied tensors keep their dtype, and a plain ``copy_`` moves them to another device, so
+    they need no staging; only a CUDA model's copies to host shadows go through the mirror.
+    """
+    shadow, source = shadows[0], sources[0]
+    if offload.offloads(source.device, shadow.device):  # looked up here: tests may patch it
+        return Offloaded(index, shadows, sources, overlap)
+    if copied or (shadow.dtype == source.dtype and shadow.device == source.device):
+        return Direct(index, shadows, sources)
+    return Staged(index, shadows, sources)
+

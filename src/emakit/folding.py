@@ -1,0 +1,169 @@
+"""How an update folds the weights into the shadows, and how reads undo the zero start.
+
+Two strategies, chosen by ``Policy(nonfinite=...)``:
+
+- :class:`Plain` (``nonfinite="average"``): the backend plan's grouped kernels,
+  ``shadow <- lerp(shadow, w, 1 - D)``; copied tensors are copied.
+- :class:`Guarded` (``nonfinite="skip"``): a tensor whose update would not be all finite (NaN or
+  Inf in the weights, or a finite weight that overflows the shadow's dtype or the lerp) keeps its
+  shadow for that update, and the skip is counted -- without a host/device synchronisation.
+
+A zero-started average (``init="zeros"``) is divided on reading by ``1 - P``, where ``P`` is the
+product of the decays of the updates that went into it (``docs/math.md`` (5)). Under the guard a
+skipped tensor misses some updates, so :class:`Guarded` keeps a ``P`` per tensor.
+
+Example:
+    >>> import numpy as np
+    >>> from emakit.policy import Policy
+    >>> from emakit.tracked import Tracked
+    >>> w = {"w": np.array([np.nan, 1.0])}
+    >>> t = Tracked(w, Policy(), dtype=None, device=None, zeros=False, fast=True)
+    >>> g = Guarded(t, init="copy")
+    >>> sources, plan = t.prepare()
+    >>> g.fold(plan, sources, 0.5)
+    >>> g.skips()
+    {'w': 1}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from emakit.backends import Plan
+from emakit.errors import StateDictError, SwapError
+from emakit.state import CheckedState
+from emakit.tracked import Tracked
+
+__all__ = ["Folding", "Guarded", "Plain", "for_policy"]
+
+
+def _no_average(names: list[str], why: str) -> SwapError:
+    shown = ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+    return SwapError(f"an EMA with init='zeros' has no average yet for {len(names)} tensor(s): "
+                     f"{shown}. {why}")
+
+
+class Folding:
+    """The plain strategy's interface; :class:`Plain` and :class:`Guarded` implement it."""
+
+    guarded = False
+
+    def __init__(self, tracked: Tracked, *, init: str) -> None:
+        self.tracked = tracked
+        self.reset(init)
+
+    def reset(self, init: str) -> None:
+        """Forget skip counts and per-tensor products (a new start, or before a load)."""
+        self.init = init
+
+    def fold(self, plan: Plan, sources: list[Any], decay: float) -> None:
+        """Fold ``sources`` in with the interval decay ``decay`` (copied tensors copied)."""
+        plan.lerp_(sources, 1.0 - decay)
+        if self.tracked.copy_shadows:
+            plan.copy_(sources)
+
+    def divisors(self, num_updates: int, decay_product: float) -> float | list[float] | None:
+        """What the averaged shadows are divided by on reading, or None (no correction)."""
+        if self.init != "zeros":
+            return None
+        if num_updates == 0:
+            raise SwapError("an EMA with init='zeros' has no average before its first update "
+                            "(it would be all zeros). Call update() first.")
+        if decay_product >= 1.0:
+            raise _no_average(self.tracked.avg_names, "Every update so far applied decay 1, "
+                              "which folds nothing in (the correction would divide by zero).")
+        return None if decay_product == 0.0 else 1.0 - decay_product
+
+    def values(self, num_updates: int, decay_product: float) -> list[Any]:
+        """The averages (bias-corrected where needed), averaged tensors first, then copied."""
+        t = self.tracked
+        t.settle()
+        divisors = self.divisors(num_updates, decay_product)
+        avg = t.avg_shadows if divisors is None else t.backend.scaled(t.avg_shadows, divisors)
+        return avg + t.copy_shadows
+
+    def skips(self) -> dict[str, int]:
+        """Name -> updates that left it out for non-finite values (always 0 without the guard)."""
+        return dict.fromkeys(self.tracked.names, 0)
+
+    def state(self) -> dict[str, Any]:
+        """The strategy's entries of ``EMA.state_dict()``."""
+        return {}
+
+    def check(self, checked: CheckedState) -> None:
+        """Raise if a checked state holds what this strategy cannot load (nothing changes)."""
+        products = checked.products
+        if products is not None and any(products.get(n, checked.decay_product) !=
+                                        checked.decay_product for n in self.tracked.avg_names):
+            raise StateDictError(
+                "the state holds per-tensor bias corrections (decay_products) of an EMA whose "
+                "guard skipped some tensors",
+                fix="Create the EMA with policy=emakit.Policy(nonfinite='skip') to load it.")
+
+    def load(self, checked: CheckedState) -> None:
+        """Take the strategy's part of a checked state."""
+        self.reset(checked.init)
+
+
+Plain = Folding
+
+
+class Guarded(Folding):
+    """Skip, per tensor and update, what would make the shadow non-finite; count the skips."""
+
+    guarded = True
+
+    def reset(self, init: str) -> None:
+        t = self.tracked
+        self.init = init
+        self.counters = t.backend.new_counters(t.shadows)
+        self.products = (t.backend.new_counters(t.avg_shadows, product=True)
+                         if init == "zeros" else None)
+
+    def fold(self, plan: Plan, sources: list[Any], decay: float) -> None:
+        t = self.tracked
+        t.settle()
+        n = len(t.avg_shadows)
+        t.backend.guarded_update_(t.avg_shadows, sources[:n], decay, self.counters[:n],
+                                  self.products)
+        t.backend.guarded_update_(t.copy_shadows, sources[n:], None, self.counters[n:])
+
+    def divisors(self, num_updates: int, decay_product: float) -> float | list[float] | None:
+        if self.products is None:
+            return super().divisors(num_updates, decay_product)
+        super().divisors(num_updates, 0.0)  # refuses before the first update
+        products = self.tracked.backend.counts(self.products)
+        empty = [n for n, p in zip(self.tracked.avg_names, products) if p >= 1.0]
+        if empty:
+            raise _no_average(empty, "Every update so far skipped them (non-finite values) or "
+                              "applied decay 1. Update with finite weights first.")
+        return None if not any(products) else [1.0 - p for p in products]
+
+    def skips(self) -> dict[str, int]:
+        return dict(zip(self.tracked.names, self.tracked.backend.counts(self.counters)))
+
+    def state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"nonfinite_skips": self.skips()}
+        if self.products is not None:
+            out["decay_products"] = dict(zip(self.tracked.avg_names,
+                                             self.tracked.backend.counts(self.products)))
+        return out
+
+    def check(self, checked: CheckedState) -> None:
+        if checked.init != "zeros":
+            super().check(checked)
+
+    def load(self, checked: CheckedState) -> None:
+        self.reset(checked.init)
+        for i, name in enumerate(self.tracked.names):
+            if checked.skips.get(name):
+                self.counters[i] += checked.skips[name]
+        if self.products is not None:
+            saved = checked.products or {}
+            for i, name in enumerate(self.tracked.avg_names):
+                self.products[i] *= saved.get(name, checked.decay_product)
+
+
+def for_policy(tracked: Tracked, init: str) -> Folding:
+    """The strategy the tracked tensors' policy asks for (``Policy.nonfinite``)."""
+    return (Guarded if tracked.policy.nonfinite == "skip" else Plain)(tracked, init=init)

@@ -1,0 +1,81 @@
+"""One swap mechanism: put values into a model's tensors and take them back out, bitwise.
+
+Behind :meth:`emakit.EMA.swapped`, ``apply_shadow()`` / ``restore()`` and ``store()`` /
+``restore()``. Where a target tensor has the value's dtype, device and strides it is re-pointed at
+the value's memory (no copy; the target's own memory is kept aside); elsewhere the target is
+backed up and the value copied in. :func:`undo` reverses either, in reverse order, and a failure
+half-way through :func:`swap_in` undoes what was done before it re-raises.
+
+Example:
+    >>> import numpy as np
+    >>> from emakit.backends import backend_for
+    >>> w = np.array([1.0, 2.0])
+    >>> b = backend_for(w)
+    >>> record = swap_in(b, [w], [np.array([5.0, 6.0])], keep_on=[None])
+    >>> w
+    array([5., 6.])
+    >>> undo(b, record)
+    >>> w
+    array([1., 2.])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+from emakit.backends import Backend
+
+__all__ = ["UndoRecord", "back_up", "swap_in", "undo"]
+
+
+class UndoRecord(NamedTuple):
+    """What to put back: ``(target, what it held, re-pointed?)`` per tensor, and why."""
+
+    kind: Literal["swap", "store"]
+    entries: list[tuple[Any, Any, bool]]
+
+
+def swap_in(backend: Backend, targets: Sequence[Any], values: Sequence[Any],
+            keep_on: Sequence[object]) -> UndoRecord:
+    """Make each target hold its value; the record brings the targets back.
+
+    Args:
+        backend: the array backend.
+        targets: the model's tensors.
+        values: what they should hold (same shapes).
+        keep_on: per target, the device for the backup of a target that is copied into (the
+            shadow's device, to spare accelerator memory), or None for the target's own.
+
+    Returns:
+        An :class:`UndoRecord` of kind ``"swap"``.
+    """
+    done: list[tuple[Any, Any, bool]] = []
+    try:
+        copy_targets, copy_values = [], []
+        for target, value, device in zip(targets, values, keep_on):
+            if backend.can_alias(target, value):
+                done.append((target, backend.repoint(target, value), True))
+            else:
+                done.append((target, backend.clone(target, device), False))
+                copy_targets.append(target)
+                copy_values.append(value)
+        backend.copy_(copy_targets, copy_values)
+    except BaseException:
+        undo(backend, UndoRecord("swap", done))
+        raise
+    return UndoRecord("swap", done)
+
+
+def back_up(backend: Backend, targets: Sequence[Any]) -> UndoRecord:
+    """A copy of each target, for :func:`undo` (torch-ema's ``store()``)."""
+    return UndoRecord("store", [(t, backend.clone(t), False) for t in targets])
+
+
+def undo(backend: Backend, record: UndoRecord) -> None:
+    """Put back what each target held before the record was made."""
+    copies = [(t, old) for t, old, ptr in record.entries if not ptr]
+    backend.copy_([t for t, _ in copies], [old for _, old in copies])
+    for target, old, ptr in reversed(record.entries):
+        if ptr:
+            backend.repoint(target, old)
