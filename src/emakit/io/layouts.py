@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -101,22 +102,27 @@ def _is_tensor(x: object) -> bool:
     return backend_for(x) is not None
 
 
+def _scalar(x: object) -> object:
+    """The Python value of a 0-d tensor or array; anything else as it is."""
+    if _is_tensor(x) and getattr(x, "ndim", None) == 0:
+        return x.item()  # type: ignore[attr-defined]
+    return x
+
+
 def _int(x: object) -> int | None:
     """``x`` as an int where it is one (a 0-d integer tensor too), else None (not recorded)."""
-    if x is None or isinstance(x, bool):
-        return None
     if isinstance(x, str):  # metadata of a weight file: decimal digits
         return int(x) if x.isdecimal() and len(x) <= 19 else None
-    if _is_tensor(x) and getattr(x, "ndim", None) == 0:
-        x = x.item()  # type: ignore[attr-defined]
-    return x if isinstance(x, int) and not isinstance(x, bool) else None
+    x = _scalar(x)
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        return None
+    return int(x)
 
 
 def _float(x: object, path: str, where: str, key: str) -> float:
     """``x`` as a finite float (a 0-d tensor too); otherwise a StateDictError naming ``key``."""
-    if _is_tensor(x) and getattr(x, "ndim", None) == 0:
-        x = x.item()  # type: ignore[attr-defined]
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+    x = _scalar(x)
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
         raise StateDictError(f"{path!r}{where}: {key!r} must be a finite number, got "
                              f"{_short(x)}", fix="The file is corrupt or was edited.")
     return float(x)
@@ -127,14 +133,20 @@ def _flag(x: object) -> bool | None:
     if isinstance(x, bool):
         return x
     if _is_tensor(x):
-        numel = x.numel if callable(getattr(x, "numel", None)) else None  # type: ignore[attr-defined]
-        if (numel() if numel else getattr(x, "size", 0)) == 1:
-            return bool(x.reshape(-1)[0])  # type: ignore[attr-defined]
+        flat = x.reshape(-1)  # type: ignore[attr-defined]
+        if len(flat) == 1:
+            return bool(flat[0])
     return None
 
 
 def _short(value: object, limit: int = 60) -> str:
-    text = repr(value) if not _is_tensor(value) else f"a {type(value).__name__}"
+    """``repr(value)`` cut to ``limit`` characters (a file may hold anything)."""
+    if _is_tensor(value):
+        return f"a {type(value).__name__}"
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a deeply nested {type(value).__name__}"
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -249,8 +261,10 @@ def _find(src: Path, obj: Any, meta: Mapping[str, str], names: Any,
                               step=_int(meta.get("emakit.step")),
                               num_updates=_int(meta.get("emakit.num_updates")))
     if found is None:
-        what = (f"a dict with keys {sorted(map(str, obj))[:12]}" if isinstance(obj, Mapping)
-                else f"a {type(obj).__name__}")
+        keys = sorted(k if isinstance(k, str) else _short(k, 40) for k in obj) \
+            if isinstance(obj, Mapping) else []
+        what = f"a dict with keys {keys[:12]}" if isinstance(obj, Mapping) else \
+            f"a {type(obj).__name__}"
         raise ValueError(f"{str(src)!r} holds no EMA layout emakit knows: it is {what}. Known "
                          f"layouts: {', '.join(LAYOUTS)}.")
     return found
