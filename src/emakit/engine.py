@@ -91,6 +91,15 @@ def update(emas: Sequence[HasParts], step: int | None, *,
             raise SwapError("update() called while the EMA weights are swapped into the model: "
                             "it would average the EMA with itself. Leave the swapped() block "
                             "(or call restore()) before the next training step.")
+    if len(emas) == 1:  # the common case, on every step: no lists
+        one = emas[0].parts
+        tick = one.clock.advance(step)
+        if tick is None:
+            return False
+        sources, plan = one.tracked.prepare(overlap=emas[0].overlap)
+        one.folding.fold(plan, sources, tick.decay)
+        one.clock.commit(tick)
+        return True
     parts = [ema.parts for ema in emas]
     ticks = [tick for tick in (p.clock.advance(step) for p in parts) if tick is not None]
     if not ticks:

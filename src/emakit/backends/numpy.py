@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from emakit.backends import Backend, GroupInfo, Plan, TensorInfo, bad_dtype
+from emakit.backends.base import Backend, GroupInfo, Plan, TensorInfo, bad_dtype
 
 __all__ = ["BACKEND", "NumpyBackend", "lerp_into"]
 

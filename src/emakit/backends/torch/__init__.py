@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from emakit.backends import Backend, Plan, TensorInfo, bad_dtype
+from emakit.backends.base import Backend, Plan, TensorInfo, bad_dtype
 from emakit.backends.torch.layout import PLAIN, is_dense, source_runs
 from emakit.backends.torch.offload import Offloaded
 from emakit.backends.torch.parts import Staged

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from emakit.backends import GroupInfo
+from emakit.backends.base import GroupInfo
 from emakit.backends.torch.layout import is_dense, where
 from emakit.backends.torch.parts import Direct, Part, Staged, copy_all
 

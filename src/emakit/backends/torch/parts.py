@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from emakit.backends import GroupInfo
+from emakit.backends.base import GroupInfo
 from emakit.backends.torch import layout
 from emakit.backends.torch.layout import find_runs, region, where
 

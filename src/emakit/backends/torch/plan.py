@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from emakit.backends import GroupInfo, Plan
+from emakit.backends.base import GroupInfo, Plan
 from emakit.backends.torch import layout, offload
 from emakit.backends.torch.layout import group_positions, signature, where
 from emakit.backends.torch.offload import Offloaded
