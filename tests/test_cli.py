@@ -263,7 +263,8 @@ def test_smooth_never_writes_over_its_input(capsys, tmp_path):
 def test_smooth_missing_values_are_the_documented_spellings(capsys, tmp_path):
     """Empty, nan, na, null, none (any case), inf, -inf and overflowing numbers are missing."""
     cells = ["1", "", "NaN", "NA", "null", "None", "inf", "-Infinity", "1e999", "4", " 2 "]
-    (tmp_path / "log.csv").write_text("loss\n" + "\n".join(f'"{c}"' for c in cells) + "\n")
+    # blank lines are no rows (as csv.DictReader has it); a quoted empty cell is a missing value
+    (tmp_path / "log.csv").write_text("loss\n\n" + "\n".join(f'"{c}"' for c in cells) + "\n\n")
     rc, out, _ = _run(capsys, "smooth", tmp_path / "log.csv", "--column", "loss", "--alpha", 0.3)
     assert rc == 0
     rows = [line.split(",") for line in out.splitlines()[1:]]

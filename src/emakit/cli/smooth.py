@@ -85,6 +85,8 @@ def _csv_columns(path: Path, f: IO[str], column: str, x: str | None
     xs: array[float] | None = None if xi is None else array("d")
     width = len(names)
     for row in reader:
+        if not row:  # a blank line (csv.DictReader skips them too)
+            continue
         if len(row) < width:  # a short row (csv.DictReader semantics: the rest is missing)
             row = row + [""] * (width - len(row))
         cell = row[vi]
