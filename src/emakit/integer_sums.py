@@ -23,8 +23,9 @@ evenly spaced steps (the midpoint rule on integers). Exact for a function that i
 sub-block; for a smooth one the relative error of ``exp(sum)`` is about 1e-4 per doubling of the
 range.
 
-:func:`first_true` (bisection for the first step where a monotone condition holds) and
-:func:`log1m_exp` (``log(1 - exp(-x))`` to full precision) serve the same closed forms.
+:func:`first_true` (bisection for the first step where a monotone condition holds),
+:func:`log1m_exp` (``log(1 - exp(-x))`` to full precision), :func:`in_order` (the plain in-order
+product, for short gaps) and :func:`power` serve the same closed forms.
 
 Example:
     >>> import math
@@ -39,7 +40,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-__all__ = ["HEAD", "SAMPLES", "first_true", "log1m_exp", "sampled_sum", "smooth_sum"]
+__all__ = ["HEAD", "SAMPLES", "first_true", "in_order", "log1m_exp", "power", "sampled_sum",
+           "smooth_sum"]
 
 HEAD = 8192  # terms this close to the origin are added one by one
 SAMPLES = 64  # steps evaluated per panel by sampled_sum
@@ -65,6 +67,21 @@ def first_true(pred: Callable[[int], bool], lo: int, hi: int) -> int:
 def log1m_exp(x: float) -> float:
     """``log(1 - exp(-x))`` for ``x > 0``, to full relative precision on both sides of ln 2."""
     return math.log(-math.expm1(-x)) if x < math.log(2.0) else math.log1p(-math.exp(-x))
+
+
+def in_order(f: Callable[[int], float], first: int, last: int) -> float:
+    """``prod_{t=first}^{last} f(t)`` multiplied in order, stopping at 0."""
+    product = 1.0
+    for t in range(first, last + 1):
+        product *= f(t)
+        if product == 0.0:
+            break
+    return product
+
+
+def power(d: float, k: int) -> float:
+    """``d ** k`` for a decay ``d`` in [0, 1] and any count ``k >= 0``."""
+    return 1.0 if k <= 0 else d**k
 
 
 def _gauss_legendre(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

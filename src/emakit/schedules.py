@@ -36,7 +36,14 @@ from emakit.conversions import (
     half_life_to_decay,
     sigma_rel_to_gamma,
 )
-from emakit.integer_sums import first_true, log1m_exp, sampled_sum, smooth_sum
+from emakit.integer_sums import (
+    first_true,
+    in_order,
+    log1m_exp,
+    power,
+    sampled_sum,
+    smooth_sum,
+)
 
 __all__ = [
     "EXACT_STEPS",
@@ -61,21 +68,6 @@ def _interval_args(start: object, stop: object) -> tuple[int, int]:
     if b < a:
         raise ValueError(f"stop must be >= start, got start={a}, stop={b}.")
     return a, b
-
-
-def _loop(schedule: Schedule, first: int, last: int) -> float:
-    """``prod_{t=first}^{last} schedule(t)`` multiplied in order (stops at 0)."""
-    product = 1.0
-    for t in range(first, last + 1):
-        product *= schedule(t)
-        if product == 0.0:
-            break
-    return product
-
-
-def _power(d: float, k: int) -> float:
-    """``d ** k`` for a decay ``d`` in [0, 1] and any count ``k >= 0``."""
-    return 1.0 if k <= 0 else d**k
 
 
 EXACT_STEPS = 10_000  # gaps up to this many steps: the per-step decays multiplied in order
@@ -126,7 +118,7 @@ class Schedule(ABC):
         """
         start, stop = _interval_args(start, stop)
         if stop - start <= EXACT_STEPS:
-            return _loop(self, start + 1, stop)
+            return in_order(self, start + 1, stop)
         return self.long_interval(start, stop)
 
     def long_interval(self, start: int, stop: int) -> float:
@@ -148,7 +140,7 @@ class Schedule(ABC):
             The product of the per-step decays, a float in [0, 1].
         """
         head = min(stop, start + FALLBACK_STEPS)
-        product = _loop(self, start + 1, head)
+        product = in_order(self, start + 1, head)
         if product == 0.0 or head == stop:
             return product
 
@@ -276,8 +268,8 @@ class InverseGamma(Schedule):
             return p / ((g + e) * math.expm1(p * math.log1p(e / g)))
 
         ramp = smooth_sum(f, df, low, high - 1, origin=float(origin))
-        return (_power(self.min_decay, low - a) * math.exp(ramp)
-                * _power(self.max_decay, b - high + 1))
+        return (power(self.min_decay, low - a) * math.exp(ramp)
+                * power(self.max_decay, b - high + 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,10 +302,10 @@ class TFWarmup(Schedule):
         cap = first_true(lambda t: (1.0 + t) / (10.0 + t) >= self.decay, a, b)
         last = cap - 1  # the ramp is a .. last
         if last - a + 1 <= 9:
-            ramp = _loop(self, a, last)
+            ramp = in_order(self, a, last)
         else:
             ramp = math.prod((a + i) / (last + 1 + i) for i in range(1, 10))
-        return ramp * _power(self.decay, b - cap + 1)
+        return ramp * power(self.decay, b - cap + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,7 +351,7 @@ class ExponentialRamp(Schedule):
             return 1.0 / (tau * math.expm1(t / tau))
 
         ramp = smooth_sum(f, df, a, flat - 1, origin=0.0)
-        return math.exp(ramp + (flat - a) * math.log(self.decay)) * _power(self.decay,
+        return math.exp(ramp + (flat - a) * math.log(self.decay)) * power(self.decay,
                                                                            b - flat + 1)
 
 
