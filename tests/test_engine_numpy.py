@@ -173,7 +173,7 @@ def test_swapped_puts_average_in_and_restores_bitwise_even_on_error():
 
 def test_seed_verbs_and_store_restore():
     p = {"w": np.array([0.0])}
-    ema = emakit.EMA(p, 0.5)  # positional decay, as the seed snippet does
+    ema = emakit.EMA(p, 0.5)  # positional decay, as the classic snippet does
     ema.register()
     p["w"][:] = 2.0
     ema.update()

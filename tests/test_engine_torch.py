@@ -280,8 +280,8 @@ def test_attach_updates_after_each_optimizer_step_until_removed():
         ema.attach(object())
 
 
-class SeedEMA:
-    """The seed snippet (shared/seeds/000), verbatim in behaviour."""
+class ClassicSnippet:
+    """The classic shadow-weights snippet (register/update/apply_shadow/restore), in behaviour."""
 
     def __init__(self, model, decay):
         self.model, self.decay, self.shadow, self.backup = model, decay, {}, {}
@@ -298,18 +298,18 @@ class SeedEMA:
                 self.shadow[name] = new_average.clone()
 
 
-def test_seed_snippet_users_can_switch_by_changing_the_import():
+def test_classic_snippet_users_can_switch_by_changing_the_import():
     model, opt = make()
-    seed = SeedEMA(model, 0.99)
+    classic = ClassicSnippet(model, 0.99)
     ours = emakit.EMA(model, 0.99, policy=emakit.Policy(frozen="skip", buffers="skip"))
-    seed.register()
+    classic.register()
     ours.register()
     for i in range(20):
         train_steps(model, opt, 1, seed=i)
-        seed.update()
+        classic.update()
         ours.update()
-    assert set(ours.actions) == set(seed.shadow)
-    for name, value in seed.shadow.items():
+    assert set(ours.actions) == set(classic.shadow)
+    for name, value in classic.shadow.items():
         torch.testing.assert_close(ours.averaged()[name], value, rtol=1e-5, atol=1e-6)
     x = torch.randn(2, 3, 8, 8)
     model.eval()

@@ -109,7 +109,7 @@ class Tracked:
         self.plan: Plan | None = None
 
     def warn_if_stalling(self, late_decay: float) -> None:
-        """Warn when a half-precision shadow would round its updates away (docs/math.md (8)):
+        """Warn when a half-precision shadow would round its updates away (docs/math.md (8a)):
         it ignores weights within ``u / (1 - d)`` of it (unit roundoff ``u``); warn above 1%."""
         u = _UNIT_ROUNDOFF.get(str(self.override).removeprefix("torch."))
         if u is None or late_decay <= 0.0:
