@@ -295,3 +295,25 @@ def test_power_function_range_is_edm2s_gamma_at_least_zero():
         with pytest.raises(ValueError, match=message):
             make()
     assert S.sigma_rel_to_gamma(1e-300) == pytest.approx(1e300, rel=1e-9)
+
+
+def test_a_new_schedule_is_one_class():
+    """Subclassing registers the kind: from_dict, checkpoints and `emakit plan` know it."""
+    import dataclasses
+    from typing import ClassVar
+
+    from emakit.cli.plan import parse_schedule
+
+    @dataclasses.dataclass(frozen=True)
+    class HalfThenFull(S.Schedule):
+        late: float = 0.9
+        kind: ClassVar[str] = "HalfThenFull"
+
+        def __call__(self, step: int) -> float:
+            return 0.5 if step < 3 else self.late
+
+    assert S.REGISTRY["HalfThenFull"] is HalfThenFull
+    assert S.from_dict({"kind": "HalfThenFull", "late": 0.8}) == HalfThenFull(0.8)
+    assert parse_schedule("half-then-full:late=0.7") == HalfThenFull(0.7)
+    assert parse_schedule("power:gamma=2").gamma == 2.0  # an alias
+    assert HalfThenFull().interval(0, 4) == 0.5 * 0.5 * 0.9 * 0.9

@@ -20,10 +20,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from emakit.conversions import real_in_range
 from emakit.ema import EMA
 from emakit.errors import EMAWarning
 from emakit.io.weights import SUFFIXES, write_weights
-from emakit.schedules import _real
 
 __all__ = ["KeepBest"]
 
@@ -88,7 +88,7 @@ class KeepBest:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' (higher is better) or 'min' (lower is better), "
                              f"got {mode!r}.")
-        delta = _real("min_delta", min_delta, low=0.0, high=math.inf, high_open=True)
+        delta = real_in_range("min_delta", min_delta, low=0.0, high=math.inf, high_open=True)
         self.path = Path(path)
         if save is None and self.path.suffix.lower() not in SUFFIXES:
             raise ValueError(f"path {str(path)!r} must end in one of {', '.join(SUFFIXES)} (or "

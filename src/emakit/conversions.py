@@ -19,12 +19,13 @@ __all__ = [
     "decay_to_half_life",
     "gamma_to_sigma_rel",
     "half_life_to_decay",
+    "real_in_range",
     "sigma_rel_to_gamma",
 ]
 
 
-def _real(name: str, value: object, *, low: float, high: float, low_open: bool = False,
-          high_open: bool = False, hint: str = "") -> float:
+def real_in_range(name: str, value: object, *, low: float, high: float,
+                  low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
     """Check that ``value`` is a finite real number in a range; return it as ``float``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
@@ -53,7 +54,7 @@ def half_life_to_decay(half_life: float) -> float:
         >>> half_life_to_decay(1)
         0.5
     """
-    h = _real("half_life", half_life, low=0.0, high=math.inf, low_open=True, high_open=True,
+    h = real_in_range("half_life", half_life, low=0.0, high=math.inf, low_open=True, high_open=True,
               hint="half_life is counted in optimizer steps, e.g. half_life=2000.")
     return float(0.5 ** (1.0 / h))
 
@@ -71,7 +72,7 @@ def decay_to_half_life(decay: float) -> float:
         >>> round(decay_to_half_life(0.999), 2)
         692.8
     """
-    d = _real("decay", decay, low=0.0, high=1.0, low_open=True, high_open=True,
+    d = real_in_range("decay", decay, low=0.0, high=1.0, low_open=True, high_open=True,
               hint="decay 0 has half-life 0 and decay 1 never halves.")
     return math.log(0.5) / math.log(d)
 
@@ -99,7 +100,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
         >>> round(gamma_to_sigma_rel(6.94), 4), round(gamma_to_sigma_rel(0), 4)
         (0.1, 0.2887)
     """
-    g = _real("gamma", gamma, low=0.0, high=math.inf, high_open=True, hint=_GAMMA_HINT)
+    g = real_in_range("gamma", gamma, low=0.0, high=math.inf, high_open=True, hint=_GAMMA_HINT)
     return math.sqrt((g + 1.0) / (g + 3.0)) / (g + 2.0)  # no overflow for huge gamma
 
 
@@ -120,7 +121,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
         >>> round(sigma_rel_to_gamma(0.1), 2)
         6.94
     """
-    s = _real("sigma_rel", sigma_rel, low=0.0, high=SIGMA_REL_MAX, low_open=True,
+    s = real_in_range("sigma_rel", sigma_rel, low=0.0, high=SIGMA_REL_MAX, low_open=True,
               high_open=True, hint="EDM2 uses sigma_rel between 0.01 and 0.2; sigma_rel 0.2887 "
                                    "and above would need gamma <= 0 (give gamma= for the "
                                    "running mean, gamma=0).")

@@ -29,37 +29,18 @@ import numbers
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, cast
 
-from emakit.conversions import _real as _real  # re-exported: best.py checks with it too
 from emakit.conversions import (
     decay_to_half_life,
     gamma_to_sigma_rel,
     half_life_to_decay,
     sigma_rel_to_gamma,
 )
-from emakit.integer_sums import (
-    first_true,
-    in_order,
-    log1m_exp,
-    power,
-    sampled_sum,
-    smooth_sum,
-)
+from emakit.conversions import real_in_range as _real
+from emakit.integer_sums import first_true, in_order, log1m_exp, power, sampled_sum, smooth_sum
 
-__all__ = [
-    "EXACT_STEPS",
-    "FALLBACK_STEPS",
-    "Constant",
-    "ExponentialRamp",
-    "InverseGamma",
-    "PowerFunction",
-    "Schedule",
-    "TFWarmup",
-    "decay_to_half_life",
-    "from_dict",
-    "gamma_to_sigma_rel",
-    "half_life_to_decay",
-    "sigma_rel_to_gamma",
-]
+__all__ = ["EXACT_STEPS", "FALLBACK_STEPS", "REGISTRY", "Constant", "ExponentialRamp",
+           "InverseGamma", "PowerFunction", "Schedule", "TFWarmup", "decay_to_half_life",
+           "from_dict", "gamma_to_sigma_rel", "half_life_to_decay", "sigma_rel_to_gamma"]
 
 
 def _interval_args(start: object, stop: object) -> tuple[int, int]:
@@ -83,6 +64,10 @@ def _step(value: object, name: str = "step", minimum: int = 1) -> int:
     return v
 
 
+REGISTRY: dict[str, type[Schedule]] = {}
+"""Every schedule class by its ``kind`` (filled as the classes are defined)."""
+
+
 class Schedule(ABC):
     """Base class of decay schedules: ``schedule(step) -> decay`` for optimizer step ``step >= 1``.
 
@@ -91,6 +76,19 @@ class Schedule(ABC):
     """
 
     kind: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register every schedule class that names its ``kind``: :func:`from_dict`, files and
+        ``emakit plan --schedule`` then know it (a new schedule is one class)."""
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            REGISTRY[cls.kind] = cls
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Schedule:
+        """The schedule from :meth:`to_dict`'s fields (without ``kind``)."""
+        return cls(**fields)
 
     @abstractmethod
     def __call__(self, step: int) -> float:
@@ -385,6 +383,12 @@ class PowerFunction(Schedule):
     gamma: float | None = None
     sigma_rel: float | None = None
     kind: ClassVar[str] = "PowerFunction"
+    aliases: ClassVar[tuple[str, ...]] = ("power",)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Schedule:
+        """``gamma`` is authoritative: a saved ``sigma_rel`` is derived from it."""
+        return cls(**{k: v for k, v in fields.items() if k != "sigma_rel"})
 
     def __post_init__(self) -> None:
         if (self.gamma is None) == (self.sigma_rel is None):
@@ -418,11 +422,6 @@ class PowerFunction(Schedule):
         return {"kind": self.kind, "gamma": self.gamma, "sigma_rel": self.sigma_rel}
 
 
-_KINDS: dict[str, type[Schedule]] = {
-    cls.kind: cls for cls in (Constant, InverseGamma, TFWarmup, ExponentialRamp, PowerFunction)
-}
-
-
 def from_dict(data: dict[str, Any]) -> Schedule:
     """Rebuild a schedule from :meth:`Schedule.to_dict` output.
 
@@ -434,11 +433,9 @@ def from_dict(data: dict[str, Any]) -> Schedule:
         raise ValueError(f"schedule data must be a dict with a 'kind' key, got {data!r}.")
     fields = dict(data)
     kind = fields.pop("kind")
-    if kind not in _KINDS:
-        raise ValueError(f"unknown schedule kind {kind!r}; known kinds: {sorted(_KINDS)}.")
-    if kind == "PowerFunction":
-        fields.pop("sigma_rel", None)
+    if kind not in REGISTRY:
+        raise ValueError(f"unknown schedule kind {kind!r}; known kinds: {sorted(REGISTRY)}.")
     try:
-        return _KINDS[kind](**fields)
+        return REGISTRY[kind].from_fields(fields)
     except TypeError as exc:
         raise ValueError(f"bad fields for schedule {kind!r}: {fields!r} ({exc}).") from exc

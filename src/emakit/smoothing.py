@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from emakit.conversions import _real
+from emakit.conversions import real_in_range
 
 __all__ = ["alpha_from", "ewm"]
 
@@ -83,14 +83,14 @@ def alpha_from(*, alpha: float | None = None, half_life: float | None = None,
     (name, value), = given.items()
     inf = math.inf
     if name == "alpha":
-        a = _real("alpha", value, low=0.0, high=1.0, low_open=True)
+        a = real_in_range("alpha", value, low=0.0, high=1.0, low_open=True)
     elif name == "half_life":
-        h = _real("half_life", value, low=0.0, high=inf, low_open=True, high_open=True)
+        h = real_in_range("half_life", value, low=0.0, high=inf, low_open=True, high_open=True)
         a = -math.expm1(-math.log(2.0) / h)
     elif name == "span":
-        a = 2.0 / (_real("span", value, low=1.0, high=inf, high_open=True) + 1.0)
+        a = 2.0 / (real_in_range("span", value, low=1.0, high=inf, high_open=True) + 1.0)
     else:
-        a = 1.0 / (1.0 + _real("com", value, low=0.0, high=inf, high_open=True))
+        a = 1.0 / (1.0 + real_in_range("com", value, low=0.0, high=inf, high_open=True))
     if 1.0 - a == 1.0:  # beta = 1 - alpha rounds to 1: the average could never move
         raise ValueError(
             f"{name}={value!r}" + ("" if name == "alpha" else f" gives alpha={a:.3g}, which")

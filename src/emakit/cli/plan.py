@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,22 @@ from emakit.window import step_weights
 
 __all__ = ["add_parser", "parse_schedule", "run"]
 
-_NAMES = {
-    "constant": "Constant", "inversegamma": "InverseGamma", "tfwarmup": "TFWarmup",
-    "exponentialramp": "ExponentialRamp", "powerfunction": "PowerFunction",
-    "power": "PowerFunction",
-}
+def _key(name: str) -> str:
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
+def cli_name(kind: str) -> str:
+    """``InverseGamma`` -> ``inverse-gamma``, ``TFWarmup`` -> ``tf-warmup``."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", "-", kind).lower()
+
+
+def _names() -> dict[str, type[schedules.Schedule]]:
+    """Every registered schedule by its CLI spellings (kind, kebab-case, aliases)."""
+    out = {}
+    for kind, cls in schedules.REGISTRY.items():
+        for name in (kind, *cls.aliases):
+            out[_key(name)] = cls
+    return out
 TRAP_SHARE = 0.05  # initial weights still holding more than this at the end: warn
 
 
@@ -41,10 +53,10 @@ def parse_schedule(spec: str) -> schedules.Schedule:
         16.97
     """
     name, _, rest = spec.partition(":")
-    kind = _NAMES.get(name.strip().lower().replace("-", "").replace("_", ""))
-    if kind is None:
-        raise CLIError(f"--schedule {spec!r}: unknown schedule {name!r}; known: constant, "
-                       "inverse-gamma, tf-warmup, exponential-ramp, power-function. Example: "
+    cls = _names().get(_key(name))
+    if cls is None:
+        known = ", ".join(cli_name(k) for k in schedules.REGISTRY)
+        raise CLIError(f"--schedule {spec!r}: unknown schedule {name!r}; known: {known}. Example: "
                        "--schedule inverse-gamma:power=0.75,max_decay=0.9999")
     fields: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
@@ -63,7 +75,7 @@ def parse_schedule(spec: str) -> schedules.Schedule:
         else:
             fields[key.strip()] = number
     try:
-        schedule: schedules.Schedule = getattr(schedules, kind)(**fields)
+        schedule: schedules.Schedule = cls(**fields)
     except (TypeError, ValueError) as exc:
         raise CLIError(f"--schedule {spec!r}: {exc}") from exc
     return schedule
