@@ -1,8 +1,10 @@
 """Start an EMA from the average in a checkpoint file (emakit's or another library's).
 
-The work behind :meth:`emakit.EMA.from_checkpoint`: read the file (:mod:`emakit.io.layouts`),
-match its names to the model's (:func:`match_names`), then build the EMA and copy the average in,
-after every check has passed.
+The work behind :meth:`emakit.EMA.from_checkpoint` (:func:`from_checkpoint`, which
+``emakit.io`` installs with :func:`emakit.ema.set_checkpoint_reader`, so the engine never imports
+the file layer): read the file (:mod:`emakit.io.layouts`), match its names to the model's
+(:func:`match_names`), then build the EMA and load the average through its public
+``load_state_dict``, after every check has passed.
 
 Example:
     >>> match_names(["module.fc.weight", "module.fc.bias"], ["fc.weight", "fc.bias"])
@@ -12,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from emakit import schedules
@@ -22,7 +24,7 @@ from emakit.io.layouts import EMACheckpoint, read_checkpoint
 if TYPE_CHECKING:
     from emakit.ema import EMA
 
-__all__ = ["ema_from_checkpoint", "match_names"]
+__all__ = ["ema_from_checkpoint", "from_checkpoint", "match_names"]
 
 
 def _prefixes(name: str, limit: int = 3) -> list[str]:
@@ -75,9 +77,70 @@ def _schedule(found: EMACheckpoint, options: dict[str, Any], path: str) -> None:
     options["decay"] = schedules.from_dict(dict(found.decay))
 
 
+def from_checkpoint(source: Any, path: Any, *, ema_class: type[EMA] | None = None,
+                    names: Any = None, strict: bool = True, verify: bool = True,
+                    **options: Any) -> EMA:
+    """A new EMA of ``source`` that starts from the average in a checkpoint file.
+
+    What :meth:`emakit.EMA.from_checkpoint` runs. The file may come from emakit
+    (:func:`emakit.save`, or ``state_dict()`` inside a ``torch.save``) or from timm, Lightning,
+    ema-pytorch, diffusers, torch-ema, Ultralytics or ``AveragedModel`` (see
+    :mod:`emakit.io.layouts`), so training can switch libraries without losing the average.
+    Names are matched to the source's, allowing for one wrapper prefix (``module.``,
+    ``_orig_mod.``, a LightningModule's attribute), for emakit's own files too. For emakit files
+    every counter is restored; for the others the step is the one the file records (``step=``
+    overrides it) and the decay must be given unless the file records it exactly (diffusers,
+    torch-ema). Foreign weights are cast to the shadow dtype (fp32 by default, also for
+    Ultralytics' fp16 average). Even with ``strict=False`` the EMA never starts from the
+    model's own weights when no name in the file is tracked: that raises.
+
+    Args:
+        source: the model (as for :class:`~emakit.EMA`).
+        path: the checkpoint file.
+        ema_class: the class to build (:class:`~emakit.EMA` or a subclass).
+        names: parameter names (or the model) for layouts that store a bare list of tensors;
+            default: ``source`` when it is a module.
+        strict: raise if the file lacks a tracked tensor (buffers excepted for layouts that
+            average parameters only) or holds names the model does not have; otherwise warn
+            (:class:`~emakit.EMAWarning`) naming them, and the missing ones start from the
+            model's weights.
+        verify: check an emakit file's CRC-32 checksums (False skips them, for huge files).
+        **options: the keyword arguments of :class:`~emakit.EMA` (``decay``, ``half_life``,
+            ``every``, ``dtype``, ``device``, ``policy``, ``step``, ...).
+
+    Returns:
+        The EMA, holding the file's average.
+
+    Raises:
+        ValueError: no known layout, no decay given where the file records none, no tracked
+            name in the file, or a name or shape mismatch (:class:`~emakit.StateDictError`);
+            nothing is half-done.
+
+    Example:
+        >>> import numpy as np, pathlib, tempfile
+        >>> import emakit
+        >>> w = {"w": np.array([1.0, 2.0])}
+        >>> ema = emakit.EMA(w, decay=0.9)
+        >>> w["w"] += 1.0
+        >>> _ = ema.update()
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "ema.safetensors"
+        >>> emakit.save(ema, path)
+        >>> again = from_checkpoint(w, path)
+        >>> again.averaged()["w"], again.step, again.schedule
+        (array([1.1, 2.1]), 1, Constant(decay=0.9))
+    """
+    if ema_class is None:
+        from emakit.ema import EMA
+
+        ema_class = EMA
+    return ema_from_checkpoint(ema_class, source, path, names=names, strict=strict,
+                               options={**options, "verify": verify})
+
+
 def ema_from_checkpoint(cls: type[EMA], source: Any, path: Any, *, names: Any, strict: bool,
                         options: Mapping[str, Any]) -> EMA:
-    """See :meth:`emakit.EMA.from_checkpoint`."""
+    """:func:`from_checkpoint` with the class given and the EMA options as a mapping (which
+    may hold ``verify``)."""
     if names is None and callable(getattr(source, "named_parameters", None)):
         names = source
     opts = dict(options)
@@ -99,7 +162,7 @@ def ema_from_checkpoint(cls: type[EMA], source: Any, path: Any, *, names: Any, s
         if callable(named):
             params = {n for n, _ in named()}
             missing = [n for n in missing if n in params]
-    known = set(ema._source.state())  # names the model has but the EMA skips are fine
+    known = _known_names(source, ema)  # names the model has but the EMA skips are fine
     unexpected = [f for f in found.weights if renamed[f] not in known]
     if not weights and ema.names:
         raise _nothing_matches(where, found, how, missing, unexpected)
@@ -110,7 +173,7 @@ def ema_from_checkpoint(cls: type[EMA], source: Any, path: Any, *, names: Any, s
             fix="Use the model the checkpoint was made for, or pass strict=False to start from "
                 "the names it has (the rest start from the model's weights).")
     try:
-        ema._adopt(weights, found.num_updates or 0)
+        _start_from(ema, weights, found.num_updates or 0)
     except StateDictError as exc:
         raise exc.located(where) from None
     if missing or unexpected:
@@ -118,6 +181,43 @@ def ema_from_checkpoint(cls: type[EMA], source: Any, path: Any, *, names: Any, s
                       f"from the checkpoint; missing {missing[:5]}, unexpected {unexpected[:5]}.",
                       EMAWarning, stacklevel=3)
     return ema
+
+
+def _known_names(source: Any, ema: EMA) -> set[str]:
+    """Every name the model holds, tracked or not (a file may carry the ones the EMA skips)."""
+    if isinstance(source, Iterator):  # (name, tensor) pairs, already consumed by the EMA
+        return set(ema.names)
+    from emakit.sources import as_source
+
+    return set(as_source(source).state()) | set(ema.names)
+
+
+def _like(w: Any, shadow: Any) -> Any:
+    """``w`` as a tensor of ``shadow``'s kind, dtype and device (a foreign average is cast)."""
+    if type(shadow).__module__.startswith("torch"):
+        import torch
+
+        t = w if isinstance(w, torch.Tensor) else torch.as_tensor(w)
+        return t.detach().to(device=shadow.device, dtype=shadow.dtype)
+    import numpy as np
+
+    if type(w).__module__.startswith("torch"):
+        w = w.detach().to("cpu")
+        w = (w.float() if str(w.dtype) == "torch.bfloat16" else w).numpy()
+    return np.asarray(w).astype(shadow.dtype)
+
+
+def _start_from(ema: EMA, weights: Mapping[str, Any], num_updates: int) -> None:
+    """Load ``weights`` (by tracked name) and ``num_updates`` into ``ema``, all or nothing.
+
+    Goes through :meth:`EMA.load_state_dict` with the EMA's own state, so every check there
+    (shapes above all) runs before anything changes; the other tracked tensors keep the
+    model's weights.
+    """
+    state = ema.state_dict()
+    shadows = dict(state["shadows"])
+    shadows.update({n: _like(w, shadows[n]) for n, w in weights.items()})
+    ema.load_state_dict({**state, "shadows": shadows, "num_updates": num_updates})
 
 
 def _nothing_matches(where: str, found: EMACheckpoint, how: str, missing: list[str],

@@ -2,7 +2,9 @@
 
 Each library stores its average differently; :func:`read_checkpoint` opens the file, detects the
 layout and returns the EMA weights by the model's names, with the step count and the decay where
-the layout records them:
+the layout records them (other libraries' layouts are read by :mod:`emakit.io.foreign`, the
+result is an :class:`~emakit.io.ema_checkpoint.EMACheckpoint`, the bounds on untrusted files are in
+:mod:`emakit.io.limits`):
 
 ==============  ===========================================================  =====================
 layout          what the file holds                                          step / decay recorded
@@ -40,114 +42,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import os
 import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from emakit import schedules
-from emakit.backends import backend_for
 from emakit.errors import StateDictError
 from emakit.io import inert_pickle
-from emakit.io.limits import EXPANSION, check_zip, limit
+from emakit.io.ema_checkpoint import LAYOUTS, EMACheckpoint
+from emakit.io.foreign import as_int, detect, is_tensor, short_repr
+from emakit.io.limits import check_weights, check_zip
 
 __all__ = ["LAYOUTS", "EMACheckpoint", "read_checkpoint"]
-
-LAYOUTS = ("emakit", "timm", "lightning", "ema-pytorch", "diffusers", "torch-ema",
-           "ultralytics", "averaged-model", "plain")
-
-
-@dataclasses.dataclass(frozen=True)
-class EMACheckpoint:
-    """The EMA found in a checkpoint file.
-
-    Attributes:
-        layout: one of :data:`LAYOUTS`.
-        path: the file.
-        where: where in the file the EMA was (e.g. ``"['ema']"``; empty at the top level).
-        weights: name -> averaged tensor, by the names the file uses (model names, possibly
-            with a wrapper prefix), in the file's order.
-        step: the optimizer step the average belongs to, when the layout records it.
-        num_updates: how many updates made the average, when recorded.
-        decay: the decay as an :mod:`emakit.schedules` dict, when the layout records it
-            exactly; else None.
-        scope: ``"state"`` (parameters and buffers) or ``"parameters"`` (parameters only: the
-            layout does not average buffers).
-        state: for ``layout == "emakit"``, the full :meth:`EMA.state_dict`.
-        notes: facts worth telling the user (what is not recorded, how names were found).
-        model_dtypes: name -> dtype name of the model's tensors, when recorded (emakit files),
-            so an export can be cast back to the model's dtypes.
-        empty: True when there is no average yet (``init="zeros"`` saved before its first
-            update): the weights are zeros, not an average.
-    """
-
-    layout: str
-    path: str
-    where: str
-    weights: dict[str, Any]
-    step: int | None = None
-    num_updates: int | None = None
-    decay: dict[str, Any] | None = None
-    scope: Literal["state", "parameters"] = "state"
-    state: dict[str, Any] | None = None
-    notes: tuple[str, ...] = ()
-    model_dtypes: dict[str, str] | None = None
-    empty: bool = False
-
-
-def _is_tensor(x: object) -> bool:
-    return backend_for(x) is not None
-
-
-def _scalar(x: object) -> object:
-    """The Python value of a 0-d tensor or array; anything else as it is."""
-    if _is_tensor(x) and getattr(x, "ndim", None) == 0:
-        return x.item()  # type: ignore[attr-defined]
-    return x
-
-
-def _int(x: object) -> int | None:
-    """``x`` as an int where it is one (a 0-d integer tensor too), else None (not recorded)."""
-    if isinstance(x, str):  # metadata of a weight file: decimal digits
-        return int(x) if x.isdecimal() and len(x) <= 19 else None
-    x = _scalar(x)
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-        return None
-    return int(x)
-
-
-def _float(x: object, path: str, where: str, key: str) -> float:
-    """``x`` as a finite float (a 0-d tensor too); otherwise a StateDictError naming ``key``."""
-    x = _scalar(x)
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
-        raise StateDictError(f"{path!r}{where}: {key!r} must be a finite number, got "
-                             f"{_short(x)}", fix="The file is corrupt or was edited.")
-    return float(x)
-
-
-def _flag(x: object) -> bool | None:
-    """A recorded boolean (a bool, or a one-element tensor); None when it is neither."""
-    if isinstance(x, bool):
-        return x
-    if _is_tensor(x):
-        flat = x.reshape(-1)  # type: ignore[attr-defined]
-        if len(flat) == 1:
-            return bool(flat[0])
-    return None
-
-
-def _short(value: object, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters (a file may hold anything)."""
-    if _is_tensor(value):
-        return f"a {type(value).__name__}"
-    try:
-        text = repr(value)
-    except RecursionError:
-        return f"a deeply nested {type(value).__name__}"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _torch_load(src: Path) -> Any:
@@ -222,7 +129,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, names: Any = None,
         raise FileNotFoundError(f"no such checkpoint: {str(src)!r}")
     obj, meta = _open(src, framework)
     found = _find(src, obj, meta, names, verify)
-    _check_weights(src, found)
+    check_weights(f"{str(src)!r}{found.where}", found.weights, src.stat().st_size)
     return found
 
 
@@ -253,15 +160,15 @@ def _find(src: Path, obj: Any, meta: Mapping[str, str], names: Any,
             if found is not None:
                 break
     if found is None and isinstance(obj, Mapping) and obj and all(
-            isinstance(k, str) and _is_tensor(v) for k, v in obj.items()):
+            isinstance(k, str) and is_tensor(v) for k, v in obj.items()):
         kind = meta.get("emakit.kind")
         note = (f"model weights written by emakit ({kind}); decay not recorded" if kind else
                 "a plain name -> tensor file: no EMA metadata (step and decay unknown)")
         found = EMACheckpoint("plain", str(src), "", dict(obj), notes=(note,),
-                              step=_int(meta.get("emakit.step")),
-                              num_updates=_int(meta.get("emakit.num_updates")))
+                              step=as_int(meta.get("emakit.step")),
+                              num_updates=as_int(meta.get("emakit.num_updates")))
     if found is None:
-        keys = sorted(k if isinstance(k, str) else _short(k, 40) for k in obj) \
+        keys = sorted(k if isinstance(k, str) else short_repr(k, 40) for k in obj) \
             if isinstance(obj, Mapping) else []
         what = f"a dict with keys {keys[:12]}" if isinstance(obj, Mapping) else \
             f"a {type(obj).__name__}"
@@ -270,54 +177,19 @@ def _find(src: Path, obj: Any, meta: Mapping[str, str], names: Any,
     return found
 
 
-def _check_weights(src: Path, found: EMACheckpoint) -> None:
-    """Every weight is a dense tensor within its storage; all of them within the file's size."""
-    where = f"{str(src)!r}{found.where}"
-    total = 0
-    for name, value in found.weights.items():
-        if not _dense(value):
-            raise StateDictError(f"{where}: entry {name!r} is not a dense tensor, got "
-                                 f"{_short(value)} ({type(value).__name__})",
-                                 fix="The file is corrupt or not an EMA checkpoint.")
-        if type(value).__module__.startswith("torch"):
-            size = value.element_size()
-            storage = value.untyped_storage().nbytes() // max(size, 1)
-            if value.numel() > storage:
-                raise StateDictError(
-                    f"{where}: tensor {name!r} has {value.numel():,} elements but its storage "
-                    f"holds {storage:,} (expanded or overlapping strides)",
-                    fix="emakit refuses such tensors: they can make a tiny file expand to any "
-                        "size. Save the tensor with .contiguous() (a real copy) instead.")
-            total += value.numel() * size
-        else:
-            total += int(value.nbytes)
-    if total > limit(src.stat().st_size):
-        raise StateDictError(
-            f"{where}: the tensors take {total:,} bytes under their {len(found.weights):,} "
-            f"names, more than {EXPANSION}x the file's {src.stat().st_size:,} bytes (one "
-            "storage under many names or views)",
-            fix="emakit refuses to expand a file that much; save each tensor once.")
-
-
-def _dense(value: Any) -> bool:
-    """A numpy array, or a strided torch tensor with data (not sparse, not on "meta")."""
-    if backend_for(value) is None:
-        return False
-    if not type(value).__module__.startswith("torch"):
-        return True
-    return str(value.layout) == "torch.strided" and value.device.type != "meta"
-
-
 def _detect_safely(path: str, where: str, obj: Any,
                    names: list[str] | None) -> EMACheckpoint | None:
-    """:func:`_detect`, with a malformed entry reported as a StateDictError (file and key)."""
+    """The EMA in ``obj`` (emakit's or another library's), a malformed entry reported as a
+    StateDictError naming the file and the key."""
     try:
-        return _detect(path, where, obj, names)
+        if isinstance(obj, Mapping) and "format_version" in obj and "shadows" in obj:
+            return _emakit(path, where, dict(obj))
+        return detect(path, where, obj, names)
     except (TypeError, AttributeError, KeyError, IndexError, OverflowError, RuntimeError,
             RecursionError) as exc:
         raise StateDictError(
             f"{path!r}{where}: a malformed entry ({type(exc).__name__}: "
-            f"{_short(str(exc), 120)})", fix="The file is corrupt or not an EMA checkpoint."
+            f"{short_repr(str(exc), 120)})", fix="The file is corrupt or not an EMA checkpoint."
         ) from None
 
 
@@ -343,7 +215,7 @@ def _emakit(path: str, where: str, state: dict[str, Any], *,
         if type(version) is not int or version not in READABLE_VERSIONS:
             raise StateDictError(f"{path!r}{where}: state key 'format_version' must be the int "
                                  f"{' or '.join(map(str, READABLE_VERSIONS))}, got "
-                                 f"{_short(version)}",
+                                 f"{short_repr(version)}",
                                  fix="Upgrade emakit if a newer one wrote it." if
                                  type(version) is int else "The file is corrupt or was edited.")
         check_fields(f"{path!r}{where}", state)
@@ -386,116 +258,3 @@ def _emakit(path: str, where: str, state: dict[str, Any], *,
                          empty=empty)
 
 
-def _shadow_list(path: str, where: str, layout: str, params: Any,
-                 names: list[str] | None) -> dict[str, Any]:
-    if not isinstance(params, (list, tuple)) or not all(_is_tensor(p) for p in params):
-        raise ValueError(f"{path!r}{where}: {layout} 'shadow_params' should be a list of "
-                         "tensors; the file is corrupt.")
-    if names is None:
-        return {f"shadow_params.{i}": p for i, p in enumerate(params)}
-    if len(names) != len(params):
-        raise ValueError(
-            f"{path!r}{where}: the {layout} state holds {len(params)} shadow tensors but "
-            f"{len(names)} parameter names were given. Pass the model the EMA was made from "
-            "(its parameters, in order, as given to the library).")
-    return dict(zip(names, params))
-
-
-def _detect(path: str, where: str, obj: Any, names: list[str] | None) -> EMACheckpoint | None:
-    if not isinstance(obj, Mapping):
-        return None
-    if "format_version" in obj and "shadows" in obj:
-        return _emakit(path, where, dict(obj))
-    if isinstance(obj.get("state_dict_ema"), Mapping):
-        return EMACheckpoint("timm", path, where + "['state_dict_ema']",
-                             dict(obj["state_dict_ema"]), notes=(
-                                 "timm records neither the step nor the decay (epoch: "
-                                 f"{_short(obj.get('epoch', '?'))})",))
-    if isinstance(obj.get("current_model_state"), Mapping) and isinstance(
-            obj.get("state_dict"), Mapping):
-        averaging = obj.get("averaging_state")
-        averaging = averaging if isinstance(averaging, Mapping) else {}
-        return EMACheckpoint("lightning", path, where + "['state_dict']",
-                             dict(obj["state_dict"]), step=_int(obj.get("global_step")),
-                             num_updates=_int(averaging.get("n_averaged")),
-                             notes=("Lightning records the step but not the decay",))
-    if "shadow_params" in obj:
-        return _shadow_layout(path, where, obj, names)
-    ema_keys = [k for k in obj if isinstance(k, str) and k.startswith("ema_model.")]
-    if ema_keys and ("initted" in obj or "step" in obj):
-        weights = {k[len("ema_model."):]: obj[k] for k in ema_keys}
-        notes = ["ema-pytorch records its update count (step) but not the decay"]
-        if "initted" in obj and _flag(obj["initted"]) is False:
-            notes.append("initted is False: the average was never updated")
-        return EMACheckpoint("ema-pytorch", path, where, weights, step=_int(obj.get("step")),
-                             notes=tuple(notes))
-    if "ema" in obj and "updates" in obj:
-        ema = obj["ema"]
-        if inert_pickle.looks_like_module(ema):
-            weights = inert_pickle.module_tensors(ema)
-        elif isinstance(ema, Mapping):
-            weights = dict(ema)
-        else:
-            return None
-        updates = _int(obj.get("updates"))
-        return EMACheckpoint("ultralytics", path, where + "['ema']", weights, step=updates,
-                             num_updates=updates, notes=(
-                                 "Ultralytics does not record the decay; its trainer's default "
-                                 "is ExponentialRamp(decay=0.9999, tau=2000)",
-                                 "Ultralytics stores the average in float16"))
-    if "n_averaged" in obj:
-        weights = {k[len("module."):]: v for k, v in obj.items()
-                   if isinstance(k, str) and k.startswith("module.")}
-        if weights:
-            return EMACheckpoint("averaged-model", path, where, weights,
-                                 num_updates=_int(obj["n_averaged"]), notes=(
-                                     "AveragedModel records the update count, not the decay",))
-    return None
-
-
-def _shadow_layout(path: str, where: str, obj: Mapping[str, Any],
-                   names: list[str] | None) -> EMACheckpoint | None:
-    notes = ["names from the model's parameter order" if names else
-             "no parameter names given: tensors are numbered (pass the model to map them)"]
-    if "optimization_step" in obj:
-        weights = _shadow_list(path, where, "diffusers", obj["shadow_params"], names)
-        step = _int(obj["optimization_step"])
-        decay = None
-        if obj.get("use_ema_warmup"):
-            def number(key: str, default: float) -> float:
-                return _float(obj.get(key, default), path, where, key)
-
-            after = _int(obj.get("update_after_step", 0))
-            if after is None or after < 0:
-                raise StateDictError(f"{path!r}{where}: 'update_after_step' must be an int "
-                                     f">= 0, got {_short(obj.get('update_after_step'))}",
-                                     fix="The file is corrupt or was edited.")
-            try:
-                decay = schedules.InverseGamma(
-                    inv_gamma=number("inv_gamma", 1.0), power=number("power", 2 / 3),
-                    min_decay=number("min_decay", 0.0), max_decay=number("decay", 0.9999),
-                    update_after_step=after).to_dict()
-            except ValueError as exc:
-                raise StateDictError(f"{path!r}{where}: the diffusers decay settings are not "
-                                     f"valid ({exc})", fix="The file is corrupt or was edited."
-                                     ) from None
-        else:
-            notes.append("diffusers without use_ema_warmup uses (1+s)/(10+s) with an offset, "
-                         "which no emakit schedule matches exactly: pass decay=")
-        return EMACheckpoint("diffusers", path, where + "['shadow_params']", weights,
-                             step=step, num_updates=step, decay=decay, scope="parameters",
-                             notes=tuple(notes))
-    if "decay" in obj and "num_updates" in obj:
-        weights = _shadow_list(path, where, "torch-ema", obj["shadow_params"], names)
-        updates = _int(obj["num_updates"])
-        d = _float(obj["decay"], path, where, "decay")
-        try:
-            decay = (schedules.Constant(d) if updates is None else
-                     schedules.TFWarmup(d)).to_dict()
-        except ValueError as exc:
-            raise StateDictError(f"{path!r}{where}: 'decay' is not a valid decay ({exc})",
-                                 fix="The file is corrupt or was edited.") from None
-        return EMACheckpoint("torch-ema", path, where + "['shadow_params']", weights,
-                             step=updates, num_updates=updates, decay=decay, scope="parameters",
-                             notes=tuple(notes))
-    return None

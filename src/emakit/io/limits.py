@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from emakit.backends import backend_for
 from emakit.errors import StateDictError
 
-__all__ = ["EXPANSION", "SLACK", "check_zip", "limit"]
+__all__ = ["EXPANSION", "SLACK", "check_weights", "check_zip", "limit"]
 
 EXPANSION = 4
 """How many times its own size a file's contents may hold (tied weights count twice)."""
@@ -52,3 +55,49 @@ def check_zip(path: str | os.PathLike[str]) -> None:
             f"the file's {size:,} bytes (a compressed archive of mostly repeated bytes)",
             fix="emakit refuses to expand an untrusted file that much; store the arrays "
                 "uncompressed (numpy.savez, not savez_compressed).")
+
+
+def check_weights(where: str, weights: Mapping[str, Any], file_bytes: int) -> None:
+    """Every weight is a dense tensor within its storage, all of them within :func:`limit`.
+
+    Args:
+        where: the file (and the place in it), for messages.
+        weights: name -> tensor, as read.
+        file_bytes: the size of the file they were read from.
+
+    Raises:
+        StateDictError: naming the entry, or the sizes, and why.
+    """
+    total = 0
+    for name, value in weights.items():
+        if not _dense(value):
+            raise StateDictError(f"{where}: entry {name!r} is not a dense tensor, got "
+                                 f"{type(value).__name__}",
+                                 fix="The file is corrupt or not an EMA checkpoint.")
+        if type(value).__module__.startswith("torch"):
+            size = value.element_size()
+            storage = value.untyped_storage().nbytes() // max(size, 1)
+            if value.numel() > storage:
+                raise StateDictError(
+                    f"{where}: tensor {name!r} has {value.numel():,} elements but its storage "
+                    f"holds {storage:,} (expanded or overlapping strides)",
+                    fix="emakit refuses such tensors: they can make a tiny file expand to any "
+                        "size. Save the tensor with .contiguous() (a real copy) instead.")
+            total += value.numel() * size
+        else:
+            total += int(value.nbytes)
+    if total > limit(file_bytes):
+        raise StateDictError(
+            f"{where}: the tensors take {total:,} bytes under their {len(weights):,} "
+            f"names, more than {EXPANSION}x the file's {file_bytes:,} bytes (one "
+            "storage under many names or views)",
+            fix="emakit refuses to expand a file that much; save each tensor once.")
+
+
+def _dense(value: Any) -> bool:
+    """A numpy array, or a strided torch tensor with data (not sparse, not on "meta")."""
+    if backend_for(value) is None:
+        return False
+    if not type(value).__module__.startswith("torch"):
+        return True
+    return str(value.layout) == "torch.strided" and value.device.type != "meta"
