@@ -368,3 +368,30 @@ def test_swapped_arguments_are_named(tmp_path: Path) -> None:
     multi = emakit.MultiEMA(_bn_model(), decays=(0.5, 0.9))
     with pytest.raises(TypeError, match=r"got MultiEMA.*emakit\.save\(emas\[k\], path\)"):
         emakit.save(multi, path)  # type: ignore[arg-type]
+
+
+def test_save_holds_the_lock_until_the_file_is_written(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread cannot update the shadows between their checksums and their bytes."""
+    import threading
+
+    ema = _ema(_bn_model())
+    real = safetensors_stream.write_safetensors
+    others: list[bool] = []
+
+    def write(f: Any, raws: Any, metadata: Any = None) -> None:
+        def try_lock() -> None:
+            got = ema.lock.acquire(blocking=False)
+            others.append(got)
+            if got:
+                ema.lock.release()
+
+        thread = threading.Thread(target=try_lock)
+        thread.start()
+        thread.join()
+        real(f, raws, metadata)
+
+    monkeypatch.setattr(safetensors_stream, "write_safetensors", write)
+    emakit.save(ema, tmp_path / "e.safetensors")
+    assert others == [False]
+    emakit.load(tmp_path / "e.safetensors", _ema(_bn_model()))

@@ -88,7 +88,9 @@ def save(ema: EMA, path: str | os.PathLike[str], *,
 
     Everything :meth:`EMA.state_dict` holds goes in: the shadows (in their dtype) as tensors,
     the counters and settings as JSON in the header, with a CRC-32 of every tensor and of the
-    header. A crash during the write leaves the previous file at ``path`` intact.
+    header. A crash during the write leaves the previous file at ``path`` intact. The EMA's
+    lock is held until the file is written, so a thread updating the same EMA waits and the
+    file holds one consistent state.
 
     Args:
         ema: the EMA.
@@ -120,22 +122,23 @@ def save(ema: EMA, path: str | os.PathLike[str], *,
     from emakit.io import safetensors_stream as stream
     from emakit.io.atomic import atomic_write
 
-    state = ema.state_dict()  # raises SwapError inside swapped()
-    shadows = state.pop("shadows")
-    raws = {n: stream.raw_bytes(t, n) for n, t in shadows.items()}
-    header: dict[str, Any] = {"kind": KIND, "format_version": FORMAT_VERSION,
-                              "emakit_version": __version__}
-    header.update(state)
-    header["half_life"] = _half_life(state["decay"])
-    header["shadow_dtypes"] = {n: _dtype(t) for n, t in shadows.items()}
-    header.setdefault("source_dtypes", ema.source_dtypes())
-    header["user"] = user
-    header["checksums"] = {"algorithm": "crc32",
-                           "tensors": {n: stream.crc32(r.data) for n, r in raws.items()}}
-    text = json.dumps(header)
-    meta = {HEADER_KEY: text, HEADER_CRC_KEY: stream.crc32(memoryview(text.encode("utf-8")))}
-    with atomic_write(dest) as f:
-        stream.write_safetensors(f, raws, meta)
+    with ema.lock:  # one consistent state: another thread's update waits for the file
+        state = ema.state_dict()  # raises SwapError inside swapped()
+        shadows = state.pop("shadows")
+        raws = {n: stream.raw_bytes(t, n) for n, t in shadows.items()}
+        header: dict[str, Any] = {"kind": KIND, "format_version": FORMAT_VERSION,
+                                  "emakit_version": __version__}
+        header.update(state)
+        header["half_life"] = _half_life(state["decay"])
+        header["shadow_dtypes"] = {n: _dtype(t) for n, t in shadows.items()}
+        header.setdefault("source_dtypes", ema.source_dtypes())
+        header["user"] = user
+        header["checksums"] = {"algorithm": "crc32",
+                               "tensors": {n: stream.crc32(r.data) for n, r in raws.items()}}
+        text = json.dumps(header)
+        meta = {HEADER_KEY: text, HEADER_CRC_KEY: stream.crc32(memoryview(text.encode()))}
+        with atomic_write(dest) as f:
+            stream.write_safetensors(f, raws, meta)
 
 
 def _dtype(x: Any) -> str:
