@@ -44,10 +44,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from emakit.ema import EMA, FORMAT_VERSION, LoadResult
+from emakit.ema import EMA
 from emakit.errors import StateDictError
 from emakit.io.header import HEADER_CRC_KEY, HEADER_KEY, KIND, READABLE_VERSIONS, parse_header
 from emakit.io.weights import read_weights
+from emakit.state import FORMAT_VERSION, LoadResult
 
 __all__ = ["HEADER_CRC_KEY", "HEADER_KEY", "KIND", "READABLE_VERSIONS", "load", "parse_header",
            "read_header", "read_state", "save", "state_from"]

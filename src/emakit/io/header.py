@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from emakit.errors import StateDictError
+from emakit.state import READABLE_VERSIONS, SETTINGS
 
 __all__ = ["DTYPES", "HEADER_CRC_KEY", "HEADER_KEY", "KIND", "MAX_DEPTH", "READABLE_VERSIONS",
            "check_fields", "parse_header"]
@@ -35,13 +36,10 @@ HEADER_KEY = "emakit"
 HEADER_CRC_KEY = "emakit.header_crc32"
 """The safetensors metadata key that holds the CRC-32 of the header's JSON text (8 hex digits)."""
 KIND = "ema-state"
-READABLE_VERSIONS = (1,)
-"""The ``format_version`` values this emakit reads (every version it ever wrote)."""
 MAX_DEPTH = 16
 """The deepest nesting of JSON objects and arrays a header may have (emakit writes 3)."""
-REQUIRED = ("backend", "step", "last_update_step", "num_updates", "decay_product", "init",
-            "every", "decay", "policy", "actions")
-"""The state keys every header and every ``state_dict()`` holds."""
+REQUIRED = SETTINGS
+"""The state keys every header and every ``state_dict()`` holds (:data:`emakit.state.SETTINGS`)."""
 _MAX_INT = 2 ** 63 - 1
 _HEX8 = re.compile(r"[0-9a-f]{8}")
 DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
