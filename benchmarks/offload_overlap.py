@@ -44,7 +44,7 @@ Contender = Callable[[nn.Module, Any, int], tuple[Update, Update]]
 def _emakit(**options: Any) -> Contender:
     def make(model: nn.Module, opt: Any, every: int) -> tuple[Update, Update]:
         ema = emakit.EMA(model, decay=0.999, every=every, **options)
-        return ema.update, lambda: ema.shadows  # reading the shadows waits for the last fold
+        return ema.update, lambda: ema.averaged()  # reading the shadows waits for the last fold
 
     return make
 
@@ -52,7 +52,7 @@ def _emakit(**options: Any) -> Contender:
 def _emakit_overlap(model: nn.Module, opt: Any, every: int) -> tuple[Update, Update]:
     ema = emakit.EMA(model, decay=0.999, every=every, device="cpu")
     ema.attach(opt, overlap=True)  # updates from the optimizer's hooks
-    return lambda: None, lambda: ema.shadows
+    return lambda: None, lambda: ema.averaged()
 
 
 def _timm(model: nn.Module, opt: Any, every: int) -> tuple[Update, Update]:

@@ -59,7 +59,8 @@ def main() -> None:
     ckpt = torch.load(buf, weights_only=True)
     resumed = emakit.EMA(model, half_life=50)
     resumed.load_state_dict(ckpt["ema"])
-    same = all(torch.equal(a, b) for a, b in zip(resumed.shadows.values(), ema.shadows.values()))
+    pairs = zip(resumed.averaged().values(), ema.averaged().values())
+    same = all(torch.equal(a, b) for a, b in pairs)
     print(f"\nresumed at step {resumed.step}; shadows identical: {same}")
 
 

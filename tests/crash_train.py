@@ -95,7 +95,7 @@ def resume(mode: str, folder: Path, model: nn.Module, opt: torch.optim.Optimizer
         if not done:
             return 0
         state = torch.load(done[-1] / "train.pt", weights_only=True)
-        emakit.load(done[-1] / "ema.safetensors", ema)
+        emakit.load(ema, done[-1] / "ema.safetensors")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     if ema.step != state["step"]:

@@ -114,7 +114,7 @@ def test_evaluate_restores_the_training_weights_when_fn_raises(tmp_path):
 
 def test_bf16_model_fp32_shadow_saves_model_dtype(tmp_path):
     model, opt, ema = _setup(dtype=torch.bfloat16)
-    assert ema.shadows["head.weight"].dtype == torch.float32
+    assert ema.averaged()["head.weight"].dtype == torch.float32
     keep = emakit.KeepBest(ema, tmp_path / "best.safetensors")
     _train(model, opt, 4, ema)
     keep.observe(0.1)

@@ -66,8 +66,8 @@ def test_round_trip_resumes_bitwise(tmp_path: Path) -> None:
     resumed_model = _bn_model()
     resumed_model.load_state_dict(model_state)
     resumed = _ema(resumed_model)
-    assert emakit.load(tmp_path / "ema.safetensors", resumed) == emakit.LoadResult([], [], {})
-    assert resumed.step == 10 and resumed.shadows["0.weight"].dtype == torch.float32
+    assert emakit.load(resumed, tmp_path / "ema.safetensors") == emakit.LoadResult([], [], {})
+    assert resumed.step == 10 and resumed.averaged()["0.weight"].dtype == torch.float32
     _train(resumed_model, resumed, range(11, 21))
     _same(ema, resumed)
 
@@ -90,20 +90,20 @@ def test_header_holds_the_settings(tmp_path: Path) -> None:
     assert header["user"] == {"run": "a1"}
     # readable without emakit: the raw shadows by model name
     raw = safetensors.torch.load_file(tmp_path / "e.safetensors")
-    assert torch.equal(raw["0.weight"], ema.shadows["0.weight"])
+    assert torch.equal(raw["0.weight"], ema.averaged()["0.weight"])
 
 
 def test_numpy_round_trip_with_zero_init(tmp_path: Path) -> None:
     w = {"a": np.linspace(0, 1, 5), "n": np.arange(3)}
-    ema = emakit.EMA(w, decay=0.8, init="zeros")
+    ema = emakit.EMA(w, decay=0.8, start="zeros")
     for _ in range(3):
         w["a"] += 0.5
         w["n"] += 1
         ema.update()
     emakit.save(ema, tmp_path / "n.safetensors")
     fresh = emakit.EMA({"a": np.zeros(5), "n": np.zeros(3, dtype=np.int64)}, decay=0.8,
-                       init="zeros")
-    emakit.load(tmp_path / "n.safetensors", fresh)
+                       start="zeros")
+    emakit.load(fresh, tmp_path / "n.safetensors")
     np.testing.assert_array_equal(fresh.averaged()["a"], ema.averaged()["a"])
     np.testing.assert_array_equal(fresh.averaged()["n"], [3, 4, 5])
 
@@ -174,12 +174,12 @@ def _rewrite(path: Path, edit: Any, raw: Any = None) -> None:
 
 
 def _untouched(ema: emakit.EMA, path: Path, match: str) -> None:
-    before = {k: v.clone() for k, v in ema.shadows.items()}
+    before = {k: v.clone() for k, v in ema.averaged().items()}
     step = ema.step
     with pytest.raises(emakit.StateDictError, match=match):
-        emakit.load(path, ema)
+        emakit.load(ema, path)
     assert ema.step == step
-    assert all(torch.equal(before[k], v) for k, v in ema.shadows.items())
+    assert all(torch.equal(before[k], v) for k, v in ema.averaged().items())
 
 
 def test_truncated_file(tmp_path: Path) -> None:
@@ -246,13 +246,13 @@ def test_save_argument_errors(tmp_path: Path) -> None:
         emakit.save(ema, tmp_path / "e.pt")
     with pytest.raises(ValueError, match="metadata must map str to str; 'step' -> 3"):
         emakit.save(ema, tmp_path / "e.safetensors", metadata={"step": 3})  # type: ignore[dict-item]
-    with pytest.raises(TypeError, match=r"ema must be an emakit.EMA.*emakit.load\(path, ema\)"):
-        emakit.load(tmp_path / "e.safetensors", _bn_model())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"ema must be an emakit.EMA.*emakit.load\(ema, path\)"):
+        emakit.load(_bn_model(), tmp_path / "e.safetensors")  # type: ignore[arg-type]
 
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        emakit.load(tmp_path / "absent.safetensors", _ema(_bn_model()))
+        emakit.load(_ema(_bn_model()), tmp_path / "absent.safetensors")
 
 
 # ---------------------------------------------------------------------------- golden files
@@ -279,7 +279,7 @@ def test_golden_torch_files_keep_loading(folder: Path) -> None:
             state = torch.load(folder / source, weights_only=True)["ema"]
             ema.load_state_dict(state)
         else:
-            emakit.load(folder / source, ema)
+            emakit.load(ema, folder / source)
         assert (ema.step, ema.num_updates) == (recipes.TORCH_STEPS, 3)
         for name, shadow in ema.averaged().items():
             if name.endswith("num_batches_tracked"):
@@ -298,7 +298,7 @@ def test_golden_torch_files_keep_loading(folder: Path) -> None:
 def test_golden_numpy_file_keeps_loading(folder: Path) -> None:
     weights = recipes.numpy_weights(0)
     ema = recipes.numpy_ema(weights)
-    emakit.load(folder / "numpy-zeros.safetensors", ema)
+    emakit.load(ema, folder / "numpy-zeros.safetensors")
     decay = emakit.schedules.Constant.from_half_life(3.0)
     for name, value in ema.averaged().items():
         updates = [(t, recipes.numpy_weights(t)[name]) for t in range(1, recipes.NUMPY_STEPS + 1)]
@@ -361,8 +361,9 @@ def test_swapped_arguments_are_named(tmp_path: Path) -> None:
         emakit.save(str(path), ema)  # type: ignore[arg-type]
     emakit.save(ema, path)
     with pytest.raises(TypeError, match=r"emakit\.load got its arguments swapped: call "
-                                        r"emakit\.load\(path, ema\)"):
-        emakit.load(ema, path)  # type: ignore[arg-type]
+                                        r"emakit\.load\(ema, path\)"):
+        emakit.load(path, ema)  # type: ignore[arg-type]
+    emakit.load(ema, path)
     with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike, got int"):
         emakit.save(ema, 3)  # type: ignore[arg-type]
     multi = emakit.MultiEMA(_bn_model(), decays=(0.5, 0.9))
@@ -394,4 +395,4 @@ def test_save_holds_the_lock_until_the_file_is_written(tmp_path: Path,
     monkeypatch.setattr(safetensors_stream, "write_safetensors", write)
     emakit.save(ema, tmp_path / "e.safetensors")
     assert others == [False]
-    emakit.load(tmp_path / "e.safetensors", _ema(_bn_model()))
+    emakit.load(_ema(_bn_model()), tmp_path / "e.safetensors")

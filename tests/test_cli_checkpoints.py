@@ -47,7 +47,7 @@ def test_export_dtype_and_prefix(tmp_path: Path) -> None:
     assert main(["export", str(path), "--out", str(out), "--dtype", "keep"]) == 0
     tensors, meta = emakit.io.read_weights(out)
     assert tensors["head.weight"].dtype == torch.float32
-    assert torch.equal(tensors["head.weight"], ema.shadows["head.weight"])
+    assert torch.equal(tensors["head.weight"], ema.averaged()["head.weight"])
     assert meta["emakit.step"] == "5"
     out16 = tmp_path / "fp16.safetensors"
     assert main(["export", str(path), "--out", str(out16), "--dtype", "float16",
@@ -185,7 +185,7 @@ def test_export_of_an_older_state_says_what_it_chose(tmp_path: Path,
 @pytest.mark.parametrize("how", ["emakit.save", "torch.save"])
 def test_export_refuses_a_zero_init_ema_before_its_first_update(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str) -> None:
-    ema = emakit.EMA(peers.net(), decay=0.9, init="zeros")
+    ema = emakit.EMA(peers.net(), decay=0.9, start="zeros")
     path = tmp_path / ("ema.safetensors" if how == "emakit.save" else "ema.pt")
     if how == "emakit.save":
         emakit.save(ema, path)

@@ -122,7 +122,7 @@ def test_sigkill_mid_write_leaves_a_whole_file(tmp_path: Path) -> None:
             proc.wait(timeout=300)
         path = tmp_path / "big.safetensors"
         ema = emakit.EMA({"w": torch.zeros(2_000_000)}, decay=0.0)
-        emakit.load(path, ema)  # never partial: loads, and holds one iteration's values
+        emakit.load(ema, path)  # never partial: loads, and holds one iteration's values
         w = ema.averaged()["w"]
         assert torch.equal(w, torch.full_like(w, float(w[0]))) and float(w[0]) >= 1
         whole += 1

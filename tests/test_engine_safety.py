@@ -186,7 +186,7 @@ def test_zero_start_with_decay_one_is_refused():
     ema = emakit.EMA({"w": np.ones(2)}, decay=frozen, start="zeros")  # decay 0 for 4 steps
     ema.update(step=1)
     np.testing.assert_array_equal(ema.averaged()["w"], [1.0, 1.0])
-    ema2 = emakit.EMA({"w": np.ones(2)}, decay=S.Constant(1.0), init="copy")
+    ema2 = emakit.EMA({"w": np.ones(2)}, decay=S.Constant(1.0))
     ema2.update()
     np.testing.assert_array_equal(ema2.averaged()["w"], [1.0, 1.0])  # copy-init freezes
 

@@ -262,7 +262,7 @@ def test_swap_save_and_resume_with_flat_shadows(tmp_path: Any) -> None:
     other = make(5)
     emakit.flatten_parameters(other)
     again = emakit.EMA(other, decay=0.7)
-    emakit.load(path, again)
+    emakit.load(again, path)
     assert_same_shadows(ema, again)
     # after the swap the model is still flat: the single kernel is still used
     ema.update()

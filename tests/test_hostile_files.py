@@ -49,10 +49,10 @@ def _fresh() -> emakit.EMA:
 def _refused(path: Path, match: str, capsys: pytest.CaptureFixture[str]) -> None:
     """load, read_state and inspect all refuse ``path`` with ``match``; nothing changes."""
     ema = _fresh()
-    before = {k: v.clone() for k, v in ema.shadows.items()}
+    before = {k: v.clone() for k, v in ema.averaged().items()}
     with pytest.raises(emakit.StateDictError, match=match):
-        emakit.load(path, ema)
-    assert ema.step == 0 and all(torch.equal(before[k], v) for k, v in ema.shadows.items())
+        emakit.load(ema, path)
+    assert ema.step == 0 and all(torch.equal(before[k], v) for k, v in ema.averaged().items())
     with pytest.raises(emakit.StateDictError, match=match):
         emakit.read_state(path)
     assert main(["inspect", str(path)]) == 2
@@ -191,8 +191,8 @@ def test_a_flipped_bit_in_a_tensor_is_caught(tmp_path: Path,
     _refused(path, r"ema\.safetensors': tensor '0\.weight' does not match its checksum "
                    r"\(crc32 stored [0-9a-f]{8}, computed [0-9a-f]{8}\).*verify=False", capsys)
     fresh = _fresh()
-    emakit.load(path, fresh, verify=False)  # the opt-out reads the damaged value
-    got, want = fresh.shadows["0.weight"], ema.shadows["0.weight"]
+    emakit.load(fresh, path, verify=False)  # the opt-out reads the damaged value
+    got, want = fresh.averaged()["0.weight"], ema.averaged()["0.weight"]
     assert not torch.equal(got, want) and torch.allclose(got, want, rtol=1e-3)
     assert main(["inspect", str(path), "--no-verify"]) == 0
     assert "crc32 of the header and every tensor, not verified" in capsys.readouterr().out
@@ -210,7 +210,7 @@ def test_a_flipped_digit_in_the_header_is_caught(tmp_path: Path,
     _edit_header(path, one_digit, keep_crc=True)
     _refused(path, r"ema\.safetensors': the header does not match its checksum", capsys)
     fresh = _fresh()
-    emakit.load(path, fresh, verify=False)  # skips the check
+    emakit.load(fresh, path, verify=False)  # skips the check
     assert fresh.state_dict()["decay_product"] == 0.4
 
 
@@ -239,8 +239,8 @@ def test_files_without_checksums_still_load(tmp_path: Path) -> None:
         text = strip(f.metadata()[HEADER_KEY])
     safetensors.torch.save_file(tensors, path, metadata={HEADER_KEY: text})
     fresh = _fresh()
-    emakit.load(path, fresh)
-    assert torch.equal(fresh.shadows["0.weight"], ema.shadows["0.weight"])
+    emakit.load(fresh, path)
+    assert torch.equal(fresh.averaged()["0.weight"], ema.averaged()["0.weight"])
     assert "no checksums" in " ".join(read_checkpoint(path).notes)
 
 
@@ -250,7 +250,7 @@ def test_numpy_checkpoints_are_checked_too(tmp_path: Path) -> None:
     emakit.save(ema, tmp_path / "n.safetensors")
     _flip(tmp_path / "n.safetensors", _data_start(tmp_path / "n.safetensors") + 9, 3)
     with pytest.raises(emakit.StateDictError, match="tensor 'w' does not match its checksum"):
-        emakit.load(tmp_path / "n.safetensors", emakit.EMA({"w": np.zeros((2, 3))}, decay=0.5))
+        emakit.load(emakit.EMA({"w": np.zeros((2, 3))}, decay=0.5), tmp_path / "n.safetensors")
 
 
 # ------------------------------------------------------------------------ hostile pickles

@@ -270,7 +270,10 @@ def test_emakit_file_of_another_model_never_falls_back(tmp_path: Path) -> None:
     with pytest.warns(emakit.EMAWarning, match=r"started 7 of 9 tracked tensors from the "
                                                 r"checkpoint.*missing \['head.weight', "
                                                 r"'head.bias'\]"):
-        emakit.EMA.from_checkpoint(peers.net(), tmp_path / "part.safetensors", strict=False)
+        emakit.EMA.from_checkpoint(peers.net(), tmp_path / "part.safetensors", strict=False,
+                                   policy=emakit.Policy())  # track all: the file has 7
+    again = emakit.EMA.from_checkpoint(peers.net(), tmp_path / "part.safetensors")
+    assert again.names == ema.names  # by default the file's policy comes along
     with pytest.raises(emakit.StateDictError, match=r"none of the 4 names in the plain"):
         emakit.EMA.from_checkpoint(peers.net(), _plain(tmp_path, other), strict=False, decay=0.9)
 

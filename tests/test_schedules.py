@@ -255,7 +255,7 @@ def test_an_update_after_a_huge_gap_is_immediate_and_exact():
     assert ema.step == 2 * 10**9
     d1, d2 = schedule.interval(1, 10**9), schedule.interval(10**9, 2 * 10**9)
     want = d2 * (d1 * 1.0 + (1.0 - d1) * 2.0) + (1.0 - d2) * 3.0
-    np.testing.assert_allclose(ema.shadows["w"], want, rtol=1e-14)
+    np.testing.assert_allclose(ema.averaged()["w"], want, rtol=1e-14)
 
 
 # ------------------------------------------------------------- PowerFunction: weights, range

@@ -23,8 +23,7 @@ from emakit.io.checkpoint import load, read_state, save
 from emakit.multi import MultiEMA
 from emakit.policy import Policy
 from emakit.state import FORMAT_VERSION, LoadResult
-
-__version__ = "0.1.0"
+from emakit.version import __version__
 
 __all__ = [
     "EMA",

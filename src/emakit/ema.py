@@ -4,12 +4,9 @@ After each optimizer step ``t`` the engine folds the weights ``w_t`` into the sh
 
     ema_t = d_t * ema_{t-1} + (1 - d_t) * w_t = lerp(ema_{t-1}, w_t, 1 - d_t),
 
-and when it last updated at step ``s < t`` (``every=k``, gradient accumulation) it applies the
-decay over the whole interval (:mod:`emakit.clock`), so the averaging window in optimizer steps
-does not change. :class:`EMA` is the facade over its parts: the tracked tensors and their
-update plan (:mod:`emakit.tracked`), the decay clock, the folding strategy and its non-finite
-guard (:mod:`emakit.folding`), the swap record (:mod:`emakit.swap`), the optimizer hooks
-(:mod:`emakit.hooks`) and the state schema (:mod:`emakit.state`). Equations: ``docs/math.md``.
+with the decay over the whole interval since its last update (:mod:`emakit.clock`). :class:`EMA`
+is the facade over its parts (:mod:`emakit.engine`); the equations are in ``docs/math.md``, the
+layout of the package in ``docs/architecture.md``.
 
 Example:
     >>> import numpy as np
@@ -26,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -44,7 +40,7 @@ from emakit.state import FORMAT_VERSION, LoadResult
 from emakit.swap import UndoRecord, back_up, swap_in, undo
 from emakit.tracked import Tracked
 
-__all__ = ["EMA", "FORMAT_VERSION", "LoadResult", "set_checkpoint_reader"]
+__all__ = ["EMA", "set_checkpoint_reader"]
 
 _MOVED = {"skip_nonfinite": "policy=emakit.Policy(nonfinite='skip')",
           "init": "start='zeros' (or start=emakit.Start(step=..., zeros=True))",
@@ -96,11 +92,6 @@ class EMA:
                  half_life: float | None = None, every: int = 1, dtype: Any = None,
                  device: Any = None, policy: Policy | None = None, start: Any = None,
                  foreach: bool = True, **moved: Any) -> None:
-        # TEMPORARY (issue 13 in progress): old keywords map silently until io/cli move over
-        if moved.pop("skip_nonfinite", False):
-            policy = dataclasses.replace(policy or Policy(), nonfinite="skip")
-        if "init" in moved or "step" in moved:
-            start = Start(moved.pop("step", 0), moved.pop("init", "copy") == "zeros")
         for name in moved:
             hint = _MOVED.get(name)
             raise TypeError(f"EMA() got an unexpected keyword argument {name!r}"
@@ -356,12 +347,8 @@ class EMA:
         Implemented in :func:`emakit.io.adopt.from_checkpoint` (see there for the layouts of
         emakit and of other libraries it reads, and the options).
         """
-        if _checkpoint_reader is None:  # TEMPORARY until io/adopt registers itself
-            from emakit.io.adopt import ema_from_checkpoint
-
-            names, strict = options.pop("names", None), options.pop("strict", True)
-            return ema_from_checkpoint(cls, source, path, names=names, strict=strict,
-                                       options=options)
+        if _checkpoint_reader is None:
+            raise ImportError("emakit.io is not loaded: import emakit (which loads it) first.")
         ema: EMA = _checkpoint_reader(source, path, ema_class=cls, **options)
         return ema
 
@@ -453,26 +440,6 @@ class EMA:
         undo(self.parts.tracked.backend, record)
 
 
-    # TEMPORARY (issue 13 in progress): old names used by io/cli/tests until they move over
-    @property
-    def shadows(self) -> Mapping[str, Any]:
-        self.parts.tracked.settle()
-        return MappingProxyType(self.parts.tracked.by_name())
-
-    def decay_at(self, step: int) -> float:
-        return self.schedule(step)
-
-    @property
-    def _backend(self) -> Any:
-        return self.parts.tracked.backend
-
-    @property
-    def _source(self) -> Any:
-        return self.parts.tracked.source
-
-    def _adopt(self, weights: Mapping[str, Any], num_updates: int) -> None:
-        self.parts.tracked.adopt(dict(weights))
-        self.parts.clock.num_updates = num_updates
 
 def set_checkpoint_reader(reader: Callable[..., Any]) -> None:
     """Install what :meth:`EMA.from_checkpoint` calls (done by :mod:`emakit.io.adopt`, so the

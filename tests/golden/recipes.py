@@ -66,7 +66,7 @@ def numpy_weights(t: int) -> dict[str, np.ndarray]:
 def numpy_ema(weights: dict[str, np.ndarray]) -> Any:
     import emakit
 
-    return emakit.EMA(weights, half_life=3.0, init="zeros")
+    return emakit.EMA(weights, half_life=3.0, start="zeros")
 
 
 def write(version: int) -> None:

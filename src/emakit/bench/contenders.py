@@ -33,6 +33,12 @@ def _emakit(**options: Any) -> Callable[[nn.Module, float], Update]:
     return make
 
 
+def _nonfinite_skip(model: nn.Module, decay: float) -> Update:
+    import emakit
+
+    return emakit.EMA(model, decay=decay, policy=emakit.Policy(nonfinite="skip")).update
+
+
 def _flat_twin(model: nn.Module) -> nn.Module:
     """A copy of the model laid out by :func:`emakit.flatten_parameters` (the other contenders
     keep the model as it was built)."""
@@ -153,7 +159,7 @@ CONTENDERS: dict[str, Callable[[nn.Module, float], Update]] = {
     "emakit multi x2": _emakit_multi(False),
     "emakit flat multi x2": _emakit_multi(True),
     "emakit every=4": _emakit(every=4),
-    "emakit skip_nonfinite": _emakit(skip_nonfinite=True),
+    "emakit skip_nonfinite": _nonfinite_skip,
     "emakit swap round trip": _emakit_swap,
     "timm ModelEmaV3": _timm,
     "AveragedModel foreach": _averaged_model,

@@ -13,13 +13,10 @@ import re
 import sys
 from collections.abc import Sequence
 
-from emakit import __version__
+from emakit.cli.errors import CLIError
+from emakit.version import __version__
 
 __all__ = ["CLIError", "main", "plain_text"]
-
-
-class CLIError(Exception):
-    """A problem with the command's input that the user can fix; printed without a traceback."""
 
 
 _ROLE = re.compile(r":[a-z]+:`~?([^`<]*?)\s*(?:<[^>]*>)?`")  # :func:`x`, :mod:`~a.b`, :ref:`t <x>`

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from emakit.cli import CLIError
+from emakit.cli.errors import CLIError
 
 __all__ = ["add_parser", "busy_summary", "run"]
 

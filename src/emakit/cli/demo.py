@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from emakit.cli import CLIError
+from emakit.cli.errors import CLIError
 
 __all__ = ["add_parser", "load_data", "run"]
 
@@ -235,7 +235,7 @@ def _train(args: argparse.Namespace, torch: Any, tqdm: Any) -> int:
         train_s, eval_s = train_s + t1 - t0, eval_s + t2 - t1
         row = {"epoch": epoch, "train_loss": float(torch.stack(losses).mean()),
                "raw_acc": raw_acc, "ema_acc": ema_acc, "raw_loss": raw_loss,
-               "ema_loss": ema_loss, "decay": ema.decay_at(ema.step), "step": ema.step,
+               "ema_loss": ema_loss, "decay": ema.schedule(ema.step), "step": ema.step,
                "best": keep.best_step == ema.step, "seconds": round(t2 - t0, 3)}
         history.append(row)
         bar.set_postfix(raw=f"{raw_acc:.3f}", ema=f"{ema_acc:.3f}")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from emakit.cli import CLIError
+from emakit.cli.errors import CLIError
 
 __all__ = ["add_parser", "run"]
 

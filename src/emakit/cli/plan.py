@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from emakit import schedules
-from emakit.cli import CLIError
+from emakit.cli.errors import CLIError
 from emakit.window import step_weights
 
 __all__ = ["add_parser", "parse_schedule", "run"]

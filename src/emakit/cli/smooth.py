@@ -25,7 +25,7 @@ from typing import IO, Any, cast
 
 import numpy as np
 
-from emakit.cli import CLIError
+from emakit.cli.errors import CLIError
 
 __all__ = ["MISSING", "add_parser", "read_column", "run"]
 

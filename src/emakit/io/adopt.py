@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from emakit import schedules
 from emakit.errors import EMAWarning, StateDictError
 from emakit.io.layouts import EMACheckpoint, read_checkpoint
+from emakit.policy import Policy
 
 if TYPE_CHECKING:
     from emakit.ema import EMA
@@ -88,7 +89,7 @@ def from_checkpoint(source: Any, path: Any, *, ema_class: type[EMA] | None = Non
     :mod:`emakit.io.layouts`), so training can switch libraries without losing the average.
     Names are matched to the source's, allowing for one wrapper prefix (``module.``,
     ``_orig_mod.``, a LightningModule's attribute), for emakit's own files too. For emakit files
-    every counter is restored; for the others the step is the one the file records (``step=``
+    every counter is restored; for the others the step is the one the file records (``start=``
     overrides it) and the decay must be given unless the file records it exactly (diffusers,
     torch-ema). Foreign weights are cast to the shadow dtype (fp32 by default, also for
     Ultralytics' fp16 average). Even with ``strict=False`` the EMA never starts from the
@@ -106,7 +107,7 @@ def from_checkpoint(source: Any, path: Any, *, ema_class: type[EMA] | None = Non
             model's weights.
         verify: check an emakit file's CRC-32 checksums (False skips them, for huge files).
         **options: the keyword arguments of :class:`~emakit.EMA` (``decay``, ``half_life``,
-            ``every``, ``dtype``, ``device``, ``policy``, ``step``, ...).
+            ``every``, ``dtype``, ``device``, ``policy``, ``start``, ...).
 
     Returns:
         The EMA, holding the file's average.
@@ -150,8 +151,8 @@ def ema_from_checkpoint(cls: type[EMA], source: Any, path: Any, *, names: Any, s
     _schedule(found, opts, str(path))
     if found.layout == "emakit":
         return _from_emakit(cls, source, found, strict, opts, where)
-    if opts.get("step") is None:
-        opts["step"] = found.step or 0
+    if opts.get("start") is None:
+        opts["start"] = found.step or 0
     ema = cls(source, **opts)
     renamed, how = match_names(list(found.weights), ema.names)
     tracked = set(ema.names)
@@ -245,11 +246,23 @@ def _renamed_state(state: dict[str, Any], rename: Mapping[str, str]) -> dict[str
     return out
 
 
+def _saved_policy(saved: Mapping[str, Any], where: str) -> Policy:
+    """The policy a file was saved with (a new EMA from it keeps the file's rules)."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    try:
+        return Policy(**fields)
+    except (TypeError, ValueError) as exc:
+        raise StateDictError(f"{where}: the saved policy {dict(saved)!r} is not valid ({exc})",
+                             fix="The file is corrupt or was edited; pass policy=.") from None
+
+
 def _from_emakit(cls: type[EMA], source: Any, found: EMACheckpoint, strict: bool,
                  opts: dict[str, Any], where: str) -> EMA:
     state = dict(found.state or {})
     opts.setdefault("every", state.get("every", 1))
-    opts.setdefault("init", state.get("init", "copy"))
+    opts.setdefault("start", "zeros" if state.get("init") == "zeros" else None)
+    if "policy" not in opts and isinstance(state.get("policy"), Mapping):
+        opts["policy"] = _saved_policy(state["policy"], where)
     ema = cls(source, **opts)
     saved = list(state.get("shadows") or {})
     aliases = state.get("aliases")

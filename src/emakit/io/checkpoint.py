@@ -29,7 +29,7 @@ Example:
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "ema.safetensors"
     >>> emakit.save(ema, path)
     >>> fresh = emakit.EMA({"w": np.zeros(2)}, decay=0.5)
-    >>> emakit.load(path, fresh)
+    >>> emakit.load(fresh, path)
     LoadResult(missing=[], unexpected=[], changed={})
     >>> fresh.averaged()["w"], fresh.step
     (array([2., 3.]), 1)
@@ -71,13 +71,13 @@ def _is_path(x: object) -> bool:
 
 def _wrong_ema(verb: str, first: object, second: object) -> TypeError:
     """The TypeError for ``emakit.save`` / ``emakit.load`` called without an EMA in its place."""
-    usage = "emakit.save(ema, path)" if verb == "save" else "emakit.load(path, ema)"
-    got, other = (first, second) if verb == "save" else (second, first)
+    usage = f"emakit.{verb}(ema, path)"
+    got, other = first, second
     if isinstance(other, EMA) and _is_path(got):
         return TypeError(f"emakit.{verb} got its arguments swapped: call {usage} (the path "
-                         f"{str(got)!r} came where the EMA belongs).")
-    hint = (" For a MultiEMA, save or load each average: emakit."
-            f"{verb}({'emas[k], path' if verb == 'save' else 'path, emas[k]'})."
+                         f"{str(got)!r} came where the EMA belongs; the EMA comes first for "
+                         "both save and load).")
+    hint = (f" For a MultiEMA, save or load each average: emakit.{verb}(emas[k], path)."
             if type(got).__name__ == "MultiEMA" else "")
     return TypeError(f"ema must be an emakit.EMA, got {type(got).__name__}. Usage: {usage}."
                      + hint)
@@ -119,9 +119,9 @@ def save(ema: EMA, path: str | os.PathLike[str], *,
     if bad:
         raise ValueError(f"metadata must map str to str; {bad[0]!r} -> {user[bad[0]]!r} does not. "
                          "Convert values with str() or json.dumps().")
-    from emakit import __version__
     from emakit.io import safetensors_stream as stream
     from emakit.io.atomic import atomic_write
+    from emakit.version import __version__
 
     with ema.lock:  # one consistent state: another thread's update waits for the file
         state = ema.state_dict()  # raises SwapError inside swapped()
@@ -291,7 +291,7 @@ def state_from(src: Path, header: Mapping[str, Any], tensors: Mapping[str, Any],
     return state
 
 
-def load(path: str | os.PathLike[str], ema: EMA, *, strict: bool = True,
+def load(ema: EMA, path: str | os.PathLike[str], *, strict: bool = True,
          verify: bool = True) -> LoadResult:
     """Load an emakit checkpoint into ``ema``; check everything first, change nothing on error.
 
@@ -299,8 +299,8 @@ def load(path: str | os.PathLike[str], ema: EMA, *, strict: bool = True,
     ``ema``'s (which keep their dtype and device), counters loaded, differing settings reported.
 
     Args:
-        path: a file written by :func:`save`.
         ema: the EMA to load into.
+        path: a file written by :func:`save`.
         strict: raise on missing or unexpected names; otherwise load the common ones.
         verify: check the CRC-32 of the header and of every tensor where the file records
             them; False skips it (for huge files you trust).
@@ -316,7 +316,7 @@ def load(path: str | os.PathLike[str], ema: EMA, *, strict: bool = True,
             file and keys.
     """
     if not isinstance(ema, EMA):
-        raise _wrong_ema("load", path, ema)
+        raise _wrong_ema("load", ema, path)
     state = read_state(path, verify=verify)
     state.pop("header")
     try:
