@@ -281,3 +281,25 @@ def test_emakit_file_of_another_model_never_falls_back(tmp_path: Path) -> None:
 def _plain(tmp_path: Path, model: torch.nn.Module) -> Path:
     torch.save(model.state_dict(), tmp_path / "plain.pt")
     return tmp_path / "plain.pt"
+
+
+def test_a_new_layout_is_one_module_in_the_registry(tmp_path: Path, monkeypatch) -> None:
+    """A library's layout is a module with NAME and detect(); the reader tries FOREIGN in order."""
+    import types
+
+    from emakit.io import layouts
+    from emakit.io.ema_checkpoint import EMACheckpoint
+
+    def detect(path, where, obj, names):
+        if "my_average" not in obj:
+            return None
+        return EMACheckpoint("mylib", path, where + "['my_average']", dict(obj["my_average"]),
+                             step=7)
+
+    mylib = types.SimpleNamespace(NAME="mylib", detect=detect)
+    monkeypatch.setattr(layouts, "FOREIGN", (*layouts.FOREIGN, mylib))
+    path = tmp_path / "mylib.pt"
+    torch.save({"my_average": {"w": torch.ones(2)}, "other": 1}, path)
+    found = read_checkpoint(path)
+    assert (found.layout, found.where, found.step) == ("mylib", "['my_average']", 7)
+    assert {m.NAME for m in layouts.FOREIGN[:-1]} == set(layouts.LAYOUTS) - {"emakit", "plain"}

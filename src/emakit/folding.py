@@ -31,7 +31,7 @@ from typing import Any
 
 from emakit.backends import Plan
 from emakit.errors import StateDictError, SwapError
-from emakit.state import CheckedState
+from emakit.state import CheckedState, average_divisors
 from emakit.tracked import Tracked
 
 __all__ = ["Folding", "Guarded", "Plain", "for_policy"]
@@ -69,10 +69,11 @@ class Folding:
         if num_updates == 0:
             raise SwapError("an EMA with init='zeros' has no average before its first update "
                             "(it would be all zeros). Call update() first.")
-        if decay_product >= 1.0:
+        divisors = average_divisors(self.init, decay_product, None, self.tracked.avg_names)
+        if divisors is not None and any(d <= 0.0 for d in divisors.values()):
             raise _no_average(self.tracked.avg_names, "Every update so far applied decay 1, "
                               "which folds nothing in (the correction would divide by zero).")
-        return None if decay_product == 0.0 else 1.0 - decay_product
+        return None if divisors is None else 1.0 - decay_product
 
     def values(self, num_updates: int, decay_product: float) -> list[Any]:
         """The averages (bias-corrected where needed), averaged tensors first, then copied."""
@@ -132,12 +133,16 @@ class Guarded(Folding):
         if self.products is None:
             return super().divisors(num_updates, decay_product)
         super().divisors(num_updates, 0.0)  # refuses before the first update
-        products = self.tracked.backend.counts(self.products)
-        empty = [n for n, p in zip(self.tracked.avg_names, products) if p >= 1.0]
+        names = self.tracked.avg_names
+        products = dict(zip(names, self.tracked.backend.counts(self.products)))
+        divisors = average_divisors(self.init, decay_product, products, names)
+        if divisors is None:
+            return None
+        empty = [n for n, d in divisors.items() if d <= 0.0]
         if empty:
             raise _no_average(empty, "Every update so far skipped them (non-finite values) or "
                               "applied decay 1. Update with finite weights first.")
-        return None if not any(products) else [1.0 - p for p in products]
+        return [divisors[n] for n in names]
 
     def skips(self) -> dict[str, int]:
         return dict(zip(self.tracked.names, self.tracked.backend.counts(self.counters)))

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 from emakit.errors import StateDictError
 
 __all__ = ["FORMAT_VERSION", "INFO_KEYS", "READABLE_VERSIONS", "REQUIRED_KEYS", "SETTINGS",
-           "CheckedState", "LoadResult", "check_state"]
+           "CheckedState", "LoadResult", "average_divisors", "check_state"]
 
 FORMAT_VERSION = 1
 """Version of the layout of :meth:`emakit.EMA.state_dict`; bumped on any incompatible change."""
@@ -189,3 +189,28 @@ def check_state(state: object, as_native: Callable[[object, str], Any]) -> Check
                                      f"{short(value)}")
     return CheckedState(step, last, updates, product, str(init), every, shadows, actions,
                         state["decay"], skips, products)
+
+
+def average_divisors(init: str, decay_product: float, products: Mapping[str, float] | None,
+                     names: list[str]) -> dict[str, float] | None:
+    """What each averaged shadow is divided by on reading: ``1 - P`` (``docs/math.md`` (5)).
+
+    A zero-started average (``init="zeros"``) holds ``(1 - P) x`` of a constant input ``x``,
+    where ``P`` is the product of the decays of the updates that went into it: per tensor
+    (``products``) where the non-finite guard skipped some, else ``decay_product``. A divisor
+    of 0 means no average yet (no update, or decay 1 throughout).
+
+    Returns:
+        name -> divisor for every name in ``names``, or None when nothing needs dividing
+        (``init="copy"``, or every ``P`` is 0).
+
+    Example:
+        >>> average_divisors("zeros", 0.25, None, ["w"])
+        {'w': 0.75}
+        >>> average_divisors("zeros", 0.25, {"w": 1.0}, ["w"])
+        {'w': 0.0}
+    """
+    if init != "zeros":
+        return None
+    divisors = {n: 1.0 - float((products or {}).get(n, decay_product)) for n in names}
+    return None if all(d == 1.0 for d in divisors.values()) else divisors

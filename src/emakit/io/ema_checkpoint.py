@@ -11,10 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-__all__ = ["LAYOUTS", "EMACheckpoint"]
-
-LAYOUTS = ("emakit", "timm", "lightning", "ema-pytorch", "diffusers", "torch-ema",
-           "ultralytics", "averaged-model", "plain")
+__all__ = ["EMACheckpoint"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +19,7 @@ class EMACheckpoint:
     """The EMA found in a checkpoint file.
 
     Attributes:
-        layout: one of :data:`LAYOUTS`.
+        layout: one of :data:`emakit.io.layouts.LAYOUTS`.
         path: the file.
         where: where in the file the EMA was (e.g. ``"['ema']"``; empty at the top level).
         weights: name -> averaged tensor, by the names the file uses (model names, possibly

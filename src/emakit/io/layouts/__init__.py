@@ -2,9 +2,10 @@
 
 Each library stores its average differently; :func:`read_checkpoint` opens the file, detects the
 layout and returns the EMA weights by the model's names, with the step count and the decay where
-the layout records them (other libraries' layouts are read by :mod:`emakit.io.foreign`, the
-result is an :class:`~emakit.io.ema_checkpoint.EMACheckpoint`, the bounds on untrusted files are in
-:mod:`emakit.io.limits`):
+the layout records them. Each layout is one module of this package with ``NAME`` and
+``detect(path, where, obj, names)``, listed in :data:`FOREIGN` (add a library: one module and
+one line here); the result is an :class:`~emakit.io.ema_checkpoint.EMACheckpoint`, and the bounds
+on untrusted files are in :mod:`emakit.io.limits`:
 
 ==============  ===========================================================  =====================
 layout          what the file holds                                          step / decay recorded
@@ -50,11 +51,26 @@ from typing import Any
 
 from emakit.errors import StateDictError
 from emakit.io import inert_pickle
-from emakit.io.ema_checkpoint import LAYOUTS, EMACheckpoint
-from emakit.io.foreign import as_int, detect, is_tensor, short_repr
+from emakit.io.ema_checkpoint import EMACheckpoint
+from emakit.io.layouts import (
+    averaged_model,
+    diffusers,
+    ema_pytorch,
+    lightning,
+    own,
+    timm,
+    torch_ema,
+    ultralytics,
+)
+from emakit.io.layouts.recorded import as_int, is_tensor, short_repr
 from emakit.io.limits import check_weights, check_zip
 
-__all__ = ["LAYOUTS", "EMACheckpoint", "read_checkpoint"]
+__all__ = ["FOREIGN", "LAYOUTS", "EMACheckpoint", "read_checkpoint"]
+
+FOREIGN = (timm, lightning, diffusers, torch_ema, ema_pytorch, ultralytics, averaged_model)
+"""Other libraries' layouts, tried in this order (each a module with ``NAME`` and ``detect``)."""
+LAYOUTS = (own.NAME, *(m.NAME for m in FOREIGN), "plain")
+"""Every layout :func:`read_checkpoint` knows, by name."""
 
 
 def _torch_load(src: Path) -> Any:
@@ -143,14 +159,14 @@ def _find(src: Path, obj: Any, meta: Mapping[str, str], names: Any,
 
         state = state_from(src, parse_header(src, meta, verify=verify), obj, verify=verify)
         header = state.pop("header")
-        own = _emakit(str(src), "", state, checked=True)
+        own_found = own.detect_state(str(src), "", state, checked=True)
         sums = ("checksums: crc32 of the header and every tensor, " +
                 ("verified" if verify else "not verified (verify=False)")
                 if "checksums" in header else
                 "no checksums (written before emakit recorded them)")
-        return dataclasses.replace(own, notes=(
+        return dataclasses.replace(own_found, notes=(
             f"written by emakit {header.get('emakit_version', '?')}, format_version "
-            f"{header['format_version']}", sums, *own.notes))
+            f"{header['format_version']}", sums, *own_found.notes))
     param_names = _param_names(names)
     found = _detect_safely(str(src), "", obj, param_names)
     if found is None and isinstance(obj, Mapping):
@@ -182,9 +198,15 @@ def _detect_safely(path: str, where: str, obj: Any,
     """The EMA in ``obj`` (emakit's or another library's), a malformed entry reported as a
     StateDictError naming the file and the key."""
     try:
-        if isinstance(obj, Mapping) and "format_version" in obj and "shadows" in obj:
-            return _emakit(path, where, dict(obj))
-        return detect(path, where, obj, names)
+        if own.is_state(obj):
+            return own.detect_state(path, where, dict(obj))
+        if not isinstance(obj, Mapping):
+            return None
+        for layout in FOREIGN:
+            found: EMACheckpoint | None = layout.detect(path, where, obj, names)
+            if found is not None:
+                return found
+        return None
     except (TypeError, AttributeError, KeyError, IndexError, OverflowError, RuntimeError,
             RecursionError) as exc:
         raise StateDictError(
@@ -203,58 +225,3 @@ def _param_names(names: Any) -> list[str] | None:
         raise TypeError(f"names must be a model or a list of parameter names, got "
                         f"{type(names).__name__}.")
     return [str(n) for n in names]
-
-
-def _emakit(path: str, where: str, state: dict[str, Any], *,
-            checked: bool = False) -> EMACheckpoint:
-    """The EMA in an emakit state (``checked``: its fields were checked with the header)."""
-    if not checked:
-        from emakit.io.header import READABLE_VERSIONS, check_fields
-
-        version = state["format_version"]
-        if type(version) is not int or version not in READABLE_VERSIONS:
-            raise StateDictError(f"{path!r}{where}: state key 'format_version' must be the int "
-                                 f"{' or '.join(map(str, READABLE_VERSIONS))}, got "
-                                 f"{short_repr(version)}",
-                                 fix="Upgrade emakit if a newer one wrote it." if
-                                 type(version) is int else "The file is corrupt or was edited.")
-        check_fields(f"{path!r}{where}", state)
-        shadows = state.get("shadows")
-        if not isinstance(shadows, Mapping) or not all(isinstance(k, str) for k in shadows):
-            raise StateDictError(f"{path!r}{where}: state key 'shadows' must map names to "
-                                 f"tensors, got {type(shadows).__name__}",
-                                 fix="The file is corrupt or was edited.")
-    weights = dict(state["shadows"])
-    actions = state["actions"]
-    notes = []
-    empty = False
-    if state["init"] == "zeros":
-        products = state.get("decay_products") or {}
-        divisors = {n: 1.0 - float(products.get(n, state["decay_product"]))
-                    for n in weights if actions.get(n) == "average"}
-        if any(d <= 0.0 for d in divisors.values()):
-            empty = True
-            notes.append("init='zeros' and no update yet: there is no average (the shadows "
-                         "are zeros)")
-        elif any(d != 1.0 for d in divisors.values()):
-            weights = {n: (t / divisors[n] if n in divisors and divisors[n] != 1.0 else t)
-                       for n, t in weights.items()}
-            notes.append("init='zeros': weights are bias-corrected")
-    for alias, name in (state.get("aliases") or {}).items():
-        if name in weights and alias not in weights:
-            weights[alias] = weights[name]  # a tied weight's second name carries the average
-    recorded = state.get("source_dtypes")
-    model_dtypes = dict(recorded) if recorded else None
-    if model_dtypes is None:
-        notes.append("the model's dtypes are not recorded (a state saved before emakit "
-                     "recorded them): an export writes the stored (shadow) dtypes")
-    elif state.get("aliases"):
-        for alias, name in state["aliases"].items():
-            if name in model_dtypes:
-                model_dtypes.setdefault(alias, model_dtypes[name])
-    return EMACheckpoint("emakit", path, where, weights, step=state["step"],
-                         num_updates=state["num_updates"], decay=state["decay"],
-                         state=state, notes=tuple(notes), model_dtypes=model_dtypes,
-                         empty=empty)
-
-
