@@ -421,8 +421,7 @@ class EMA:
         """
         self._check_not_swapped("apply_shadow() called", stored_too=True)
         t = self.parts.tracked
-        devices = [t.backend.info(s).device for s in t.shadows]
-        self._undo = swap_in(t.backend, t.fetch(), self._values(), devices)
+        self._undo = swap_in(t.backend, t.fetch(), self._values(), t.shadows)
 
     @_locked
     def store(self) -> None:

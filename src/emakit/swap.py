@@ -11,7 +11,7 @@ Example:
     >>> from emakit.backends import backend_for
     >>> w = np.array([1.0, 2.0])
     >>> b = backend_for(w)
-    >>> record = swap_in(b, [w], [np.array([5.0, 6.0])], keep_on=[None])
+    >>> record = swap_in(b, [w], [np.array([5.0, 6.0])])
     >>> w
     array([5., 6.])
     >>> undo(b, record)
@@ -37,15 +37,15 @@ class UndoRecord(NamedTuple):
 
 
 def swap_in(backend: Backend, targets: Sequence[Any], values: Sequence[Any],
-            keep_on: Sequence[object]) -> UndoRecord:
+            keep_with: Sequence[Any] | None = None) -> UndoRecord:
     """Make each target hold its value; the record brings the targets back.
 
     Args:
         backend: the array backend.
         targets: the model's tensors.
         values: what they should hold (same shapes).
-        keep_on: per target, the device for the backup of a target that is copied into (the
-            shadow's device, to spare accelerator memory), or None for the target's own.
+        keep_with: per target, a tensor on whose device the backup of a target that is copied
+            into is kept (its shadow, to spare accelerator memory); None: the target's own.
 
     Returns:
         An :class:`UndoRecord` of kind ``"swap"``.
@@ -53,10 +53,11 @@ def swap_in(backend: Backend, targets: Sequence[Any], values: Sequence[Any],
     done: list[tuple[Any, Any, bool]] = []
     try:
         copy_targets, copy_values = [], []
-        for target, value, device in zip(targets, values, keep_on):
+        for i, (target, value) in enumerate(zip(targets, values)):
             if backend.can_alias(target, value):
                 done.append((target, backend.repoint(target, value), True))
             else:
+                device = None if keep_with is None else backend.info(keep_with[i]).device
                 done.append((target, backend.clone(target, device), False))
                 copy_targets.append(target)
                 copy_values.append(value)
