@@ -46,32 +46,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from emakit import ema as emakit_ema
 from emakit.errors import EMAWarning, StateDictError
+from emakit.integrations.options import EVAL_ON, check_options
 from emakit.policy import Policy
 
 __all__ = ["EMA", "LAYOUT"]
 
 LAYOUT = "lightning-callback/1"
 """The value of ``"emakit"`` in the callback's state: marks emakit's state in a ``.ckpt``."""
-EVAL_ON = ("ema", "training")
-
-
-def check_options(options: Mapping[str, Any]) -> None:
-    """Raise now, naming the argument, for options that :class:`emakit.EMA` would refuse later.
-
-    Args:
-        options: the keyword arguments for :class:`emakit.EMA` (``decay``, ``half_life``,
-            ``every``, ``dtype``, ``device``, ``policy``).
-
-    Raises:
-        TypeError, ValueError: as :class:`emakit.EMA` raises for them.
-    """
-    policy = options.get("policy")
-    if policy is not None and not isinstance(policy, Policy):
-        raise TypeError(f"policy must be an emakit.Policy, got {type(policy).__name__}.")
-    probe = {k: v for k, v in options.items() if k != "policy"}
-    emakit_ema.EMA({"probe": torch.zeros(1)}, **probe)
-
-
 def _replace_shadows(ema: emakit_ema.EMA, values: Mapping[str, Any]) -> dict[str, Any]:
     """``ema``'s own state with the shadows taken from ``values`` (cast to the shadows' dtype)."""
     state = ema.state_dict()
