@@ -375,7 +375,7 @@ class EMA:
                 "last_update_step": c.last_update_step, "num_updates": c.num_updates,
                 "decay_product": c.decay_product, "init": self.parts.folding.init,
                 "every": c.every, "decay": c.schedule.to_dict(), "policy": t.policy.to_dict(),
-                "actions": dict(t.actions), "shadows": t.by_name(),
+                "actions": dict(t.actions), "shadows": t.state_tensors(),
                 "source_dtypes": t.source_dtypes(), "aliases": dict(t.aliases),
                 **self.parts.folding.state()}
 
@@ -421,7 +421,7 @@ class EMA:
         """
         self._check_not_swapped("apply_shadow() called", stored_too=True)
         t = self.parts.tracked
-        self._undo = swap_in(t.backend, t.fetch(), self._values(), t.shadows)
+        self._undo = swap_in(t.backend, t.fetch(), self._values(), t.shadows, t.repointable())
 
     @_locked
     def store(self) -> None:

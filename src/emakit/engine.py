@@ -25,6 +25,7 @@ from emakit.backends import Backend, Plan, SharedRead
 from emakit.clock import DecayClock
 from emakit.errors import EMAWarning, StateDictError, SwapError
 from emakit.folding import Folding
+from emakit.names import match_names, renamed_state
 from emakit.state import CheckedState, LoadResult, check_state
 from emakit.tracked import Tracked
 
@@ -124,9 +125,19 @@ def update(emas: Sequence[HasParts], step: int | None, *,
     return True
 
 
+def _own_names(state: Mapping[str, Any], names: list[str]) -> Mapping[str, Any]:
+    """``state`` renamed into the model's names where it was saved from a wrapped model
+    (``module.``, ``_orig_mod.``) or for one; as it is otherwise (the checks come after)."""
+    saved = state.get("shadows") if isinstance(state, Mapping) else None
+    if not (isinstance(saved, Mapping) and saved and all(isinstance(k, str) for k in saved)):
+        return state
+    table, how = match_names(list(saved), names)
+    return state if how == "as is" else renamed_state(dict(state), table)
+
+
 def _checked(parts: Parts, state: Mapping[str, Any], strict: bool) -> CheckedState:
     t, clock = parts.tracked, parts.clock
-    checked = check_state(state, t.backend.as_native)
+    checked = check_state(_own_names(state, t.names), t.backend.as_native)
     missing = [n for n in t.names if n not in checked.shadows]
     unexpected = [n for n in checked.shadows if n not in t.actions]
     mismatched = t.mismatches(checked.shadows)

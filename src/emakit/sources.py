@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
-__all__ = ["Entry", "Source", "as_source"]
+__all__ = ["Entry", "Source", "as_source", "unwrapped"]
 
 
 class Entry(NamedTuple):
@@ -217,6 +217,24 @@ def _pairs(items: Iterable[Any]) -> dict[str, Any]:
     return out
 
 
+def unwrapped(module: Any) -> Any:
+    """The model inside the wrappers that only prefix its names: DDP / DataParallel
+    (``.module``) and ``torch.compile`` (``._orig_mod``). They share the model's parameters, so
+    an EMA of the inner model averages the same tensors under the model's own names (files and
+    ``model_state_dict()`` then load into the plain model)."""
+    import torch
+
+    for _ in range(8):
+        kind = type(module).__name__
+        inner = getattr(module, "module", None) if kind in (
+            "DistributedDataParallel", "DataParallel") else \
+            getattr(module, "_orig_mod", None) if kind == "OptimizedModule" else None
+        if not isinstance(inner, torch.nn.Module):
+            break
+        module = inner
+    return module
+
+
 def as_source(obj: object) -> Source:
     """Wrap a module, mapping or iterable of ``(name, tensor)`` pairs as a :class:`Source`.
 
@@ -225,7 +243,7 @@ def as_source(obj: object) -> Source:
     """
     torch_mod = sys.modules.get("torch")
     if torch_mod is not None and isinstance(obj, torch_mod.nn.Module):
-        return ModuleSource(obj)
+        return ModuleSource(unwrapped(obj))
     if isinstance(obj, Mapping):
         return MappingSource(obj)
     is_array = hasattr(obj, "shape") and hasattr(obj, "dtype")

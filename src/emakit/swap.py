@@ -37,7 +37,8 @@ class UndoRecord(NamedTuple):
 
 
 def swap_in(backend: Backend, targets: Sequence[Any], values: Sequence[Any],
-            keep_with: Sequence[Any] | None = None) -> UndoRecord:
+            keep_with: Sequence[Any] | None = None,
+            repointable: Sequence[bool] | None = None) -> UndoRecord:
     """Make each target hold its value; the record brings the targets back.
 
     Args:
@@ -46,6 +47,8 @@ def swap_in(backend: Backend, targets: Sequence[Any], values: Sequence[Any],
         values: what they should hold (same shapes).
         keep_with: per target, a tensor on whose device the backup of a target that is copied
             into is kept (its shadow, to spare accelerator memory); None: the target's own.
+        repointable: per target, False where it must be copied into even if a pointer swap
+            would fit (a view of memory someone else owns, e.g. an FSDP shard).
 
     Returns:
         An :class:`UndoRecord` of kind ``"swap"``.
@@ -54,7 +57,7 @@ def swap_in(backend: Backend, targets: Sequence[Any], values: Sequence[Any],
     try:
         copy_targets, copy_values = [], []
         for i, (target, value) in enumerate(zip(targets, values)):
-            if backend.can_alias(target, value):
+            if (repointable is None or repointable[i]) and backend.can_alias(target, value):
                 done.append((target, backend.repoint(target, value), True))
             else:
                 device = None if keep_with is None else backend.info(keep_with[i]).device

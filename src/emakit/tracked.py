@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +36,24 @@ _STALL_GAP = 0.01  # warn when a shadow ignores weights this close to it, relati
 
 def _listed(names: Sequence[str]) -> str:
     return ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+
+
+def _shard_specs(entries: list[Entry]) -> dict[str, Any]:
+    """Name -> :class:`~emakit.distributed.shards.ShardSpec` of every DTensor entry."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return {}
+    from emakit.distributed import shards
+
+    return {e.name: shards.ShardSpec.of(e.tensor) for e in entries if shards.is_dtensor(e.tensor)}
+
+
+def _local_shards(tensors: list[Any]) -> list[Any]:
+    """``tensors`` with every DTensor replaced by its local shard (a view: writes go through)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return tensors
+    from emakit.distributed import shards
+
+    return [shards.local(t) if shards.is_dtensor(t) else t for t in tensors]
 
 
 def _pick_backend(entries: list[Entry]) -> Backend:
@@ -102,10 +121,12 @@ class Tracked:
         self.copy_names = [e.name for e in cpy]
         self.names = self.avg_names + self.copy_names
         self.avg_dtypes = [self.backend.shadow_dtype(e.tensor, self.override) for e in avg]
-        self.avg_shadows = self.backend.allocate([e.tensor for e in avg], self.avg_dtypes,
-                                                 device, zeros)
-        self.copy_shadows = self.backend.allocate([e.tensor for e in cpy],
-                                                  [e.tensor.dtype for e in cpy], device, False)
+        self.specs = _shard_specs(avg + cpy)  # DTensor name -> layout; shadows are local shards
+        self._sharded = [i for i, n in enumerate(self.names) if n in self.specs]
+        avg_src, cpy_src = self.fetch(self.avg_names), self.fetch(self.copy_names)
+        self.avg_shadows = self.backend.allocate(avg_src, self.avg_dtypes, device, zeros)
+        self.copy_shadows = self.backend.allocate(cpy_src, [t.dtype for t in cpy_src], device,
+                                                  False)
         self.plan: Plan | None = None
 
     def warn_if_stalling(self, late_decay: float) -> None:
@@ -133,8 +154,49 @@ class Tracked:
         return dict(zip(self.names, self.shadows))
 
     def fetch(self, names: Sequence[str] | None = None) -> list[Any]:
-        """The source's current tensors (all tracked ones, averaged first, by default)."""
-        return self.source.fetch(self.names if names is None else names)
+        """The source's current tensors (all tracked ones, averaged first, by default); for a
+        sharded parameter, this rank's local shard (FSDP modules left unsharded by an eval
+        forward are resharded first)."""
+        tensors = self.source.fetch(self.names if names is None else names)
+        if not self.specs:
+            return tensors
+        from emakit.distributed import shards
+
+        index = self._sharded if names is None else \
+            [i for i, n in enumerate(names) if n in self.specs]
+        if not all(shards.is_dtensor(tensors[i]) for i in index):
+            shards.reshard(getattr(self.source, "module", None))
+            tensors = self.source.fetch(self.names if names is None else names)
+        for i in index:
+            if not shards.is_dtensor(tensors[i]):
+                name = (self.names if names is None else names)[i]
+                raise ValueError(
+                    f"source tensor {name!r} was sharded ({self.specs[name].describe()}) and "
+                    f"is now a {type(tensors[i]).__name__}: the EMA keeps its shadow as a "
+                    "local shard. Keep the model sharded, or create a new EMA for it.")
+            tensors[i] = shards.local(tensors[i])
+        return tensors
+
+    def state_tensors(self) -> dict[str, Any]:
+        """Tracked name -> shadow for ``state_dict()``: a sharded one as a DTensor around the
+        local shadow (no copy, no collective), so distributed checkpoints see the layout."""
+        mine = self.by_name()
+        if self.specs:
+            from emakit.distributed import shards
+
+            for name, spec in self.specs.items():
+                mine[name] = shards.as_dtensor(mine[name], spec)
+        return mine
+
+    def repointable(self) -> list[bool]:
+        """Per tracked tensor: may a swap re-point it at its shadow? Not a shard, whose local
+        tensor is a view into memory FSDP owns: that is copied into."""
+        return [name not in self.specs for name in self.names]
+
+    def global_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of the tracked tensor ``name`` in the model (of the whole, for a shard)."""
+        spec = self.specs.get(name)
+        return spec.shape if spec is not None else self.backend.info(self.by_name()[name]).shape
 
     def source_dtypes(self) -> dict[str, str]:
         """Tracked name -> dtype name of the source's tensor."""
@@ -194,25 +256,33 @@ class Tracked:
                     "If the model was resized, create a new EMA for it.")
 
     def mismatches(self, tensors: dict[str, Any]) -> list[str]:
-        """``name: reason`` for given tensors whose shape or dtype differ from the shadows'."""
+        """``name: reason`` for given tensors whose shape or dtype differ from the shadows'
+        (for a sharded tensor: its global shape; a DTensor or a full tensor both fit)."""
         b = self.backend
         mine = self.by_name()
         out = []
         for name, tensor in tensors.items():
             if name in mine:
                 have, want = b.info(tensor), b.info(mine[name])
-                if have.shape != want.shape:
-                    out.append(f"{name}: shape {have.shape} != {want.shape}")
+                if have.shape != self.global_shape(name):
+                    out.append(f"{name}: shape {have.shape} != {self.global_shape(name)}")
                 elif have.dtype != want.dtype:
                     out.append(f"{name}: dtype {have.dtype} != {want.dtype}")
         return out
 
     def write(self, tensors: dict[str, Any]) -> None:
-        """Copy ``tensors`` (checked by the caller) into the shadows of the same names."""
+        """Copy ``tensors`` (checked by the caller) into the shadows of the same names; a
+        sharded shadow takes its local piece (of a DTensor, or sliced from a full tensor)."""
         self.settle()
         mine = self.by_name()
         names = [n for n in self.names if n in tensors]
-        self.backend.copy_([mine[n] for n in names], [tensors[n] for n in names])
+        values = [tensors[n] for n in names]
+        if self.specs:
+            from emakit.distributed import shards
+
+            values = [shards.local_piece(v, self.specs[n]) if n in self.specs else v
+                      for n, v in zip(names, values)]
+        self.backend.copy_([mine[n] for n in names], values)
 
     def adopt(self, weights: dict[str, Any]) -> None:
         """Copy averages from another library's checkpoint in (cast to the shadows' dtypes).
@@ -255,7 +325,13 @@ class Tracked:
         chosen.update({alias: chosen[name] for alias, name in self.aliases.items()})
         for name, value in state.items():
             avg = chosen.get(name)
-            if avg is not None:
+            spec = self.specs.get(self.aliases.get(name, name))
+            if avg is not None and spec is not None:  # a shard: the same layout as the model's
+                from emakit.distributed import shards
+
+                local = b.converted(avg, shards.local(value), device)
+                state[name] = shards.as_dtensor(local, spec)
+            elif avg is not None:
                 state[name] = b.converted(avg, value, device)
             elif b.is_tensor(value):
                 state[name] = b.clone(value, device)  # else: extra state, kept as it is
@@ -283,7 +359,7 @@ class Tracked:
                                      missing=missing,
                                      fix="Pass strict=False to copy the names it has.")
             names = [n for n in names if n in available]
-        tensors = dst.fetch(names)
+        tensors = self.fetch(names) if target is None else _local_shards(dst.fetch(names))
         for name, x in zip(names, tensors):
             if not b.is_tensor(x) or b.info(x).shape != b.info(by_name[name]).shape:
                 shape = b.info(x).shape if b.is_tensor(x) else type(x).__name__

@@ -14,56 +14,19 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from emakit import schedules
 from emakit.errors import EMAWarning, StateDictError
 from emakit.io.layouts import EMACheckpoint, read_checkpoint
+from emakit.names import match_names, renamed_state
 from emakit.policy import Policy
 
 if TYPE_CHECKING:
     from emakit.ema import EMA
 
 __all__ = ["ema_from_checkpoint", "from_checkpoint", "match_names"]
-
-
-def _prefixes(name: str, limit: int = 3) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:k]) + "." for k in range(1, min(limit, len(parts) - 1) + 1)]
-
-
-def match_names(found: Sequence[str], wanted: Sequence[str]) -> tuple[dict[str, str], str]:
-    """Rename ``found`` names into ``wanted``'s namespace, allowing one wrapper prefix.
-
-    Tries the names as they are, with a prefix stripped from the found names (``module.`` of
-    DDP, ``_orig_mod.`` of torch.compile, a LightningModule's attribute) and with a prefix
-    added, and keeps the renaming under which the most names are wanted (as-is wins ties).
-
-    Args:
-        found: the names in the file.
-        wanted: the names the EMA tracks.
-
-    Returns:
-        ``(found name -> its name in the model's namespace, for every found name; a
-        description of the renaming)``.
-    """
-    wanted_set = set(wanted)
-    renamings: list[tuple[str, Callable[[str], str]]] = [("as is", lambda n: n)]
-    strip: set[str] = {"module.", "_orig_mod.", "module._orig_mod."}
-    if found:
-        strip.update(_prefixes(found[0]))
-    for p in sorted(strip):
-        renamings.append((f"strip {p!r}", lambda n, p=p: n.removeprefix(p)))  # type: ignore[misc]
-    for p in sorted(_prefixes(wanted[0]) if wanted else ()):
-        renamings.append((f"add {p!r}", lambda n, p=p: p + n))  # type: ignore[misc]
-    best_label, best, best_hits = "as is", {n: n for n in found}, -1
-    for label, rename in renamings:
-        table = {n: rename(n) for n in found}
-        hits = sum(1 for n in table.values() if n in wanted_set)
-        if hits > best_hits:
-            best_label, best, best_hits = label, table, hits
-    return best, best_label
 
 
 def _schedule(found: EMACheckpoint, options: dict[str, Any], path: str) -> None:
@@ -231,21 +194,6 @@ def _nothing_matches(where: str, found: EMACheckpoint, how: str, missing: list[s
             "starts from the model's own weights with the file's counters.")
 
 
-_NAMED = ("shadows", "actions", "nonfinite_skips", "decay_products", "source_dtypes")
-"""The state entries keyed by tracked name (renamed with the shadows)."""
-
-
-def _renamed_state(state: dict[str, Any], rename: Mapping[str, str]) -> dict[str, Any]:
-    """``state`` with every tracked name (and tied alias) renamed by ``rename``."""
-    out = dict(state)
-    for key in _NAMED:
-        if isinstance(state.get(key), Mapping):
-            out[key] = {rename.get(n, n): v for n, v in state[key].items()}
-    if isinstance(state.get("aliases"), Mapping):
-        out["aliases"] = {rename.get(a, a): rename.get(n, n) for a, n in state["aliases"].items()}
-    return out
-
-
 def _saved_policy(saved: Mapping[str, Any], where: str) -> Policy:
     """The policy a file was saved with (a new EMA from it keeps the file's rules)."""
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
@@ -269,7 +217,7 @@ def _from_emakit(cls: type[EMA], source: Any, found: EMACheckpoint, strict: bool
     renamed, how = match_names(
         [*saved, *(aliases if isinstance(aliases, Mapping) else ())], ema.names)
     if how != "as is":
-        state = _renamed_state(state, renamed)
+        state = renamed_state(state, renamed)
     tracked = set(ema.names)
     hits = [renamed[n] for n in saved if renamed[n] in tracked]
     missing = [n for n in ema.names if n not in set(hits)]

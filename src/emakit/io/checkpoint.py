@@ -91,7 +91,9 @@ def save(ema: EMA, path: str | os.PathLike[str], *,
     the counters and settings as JSON in the header, with a CRC-32 of every tensor and of the
     header. A crash during the write leaves the previous file at ``path`` intact. The EMA's
     lock is held until the file is written, so a thread updating the same EMA waits and the
-    file holds one consistent state.
+    file holds one consistent state. For an EMA of a sharded model (DTensor parameters) this
+    is a collective: call it on every rank; the shadows are gathered one tensor at a time and
+    rank 0 writes one full, plain file (:mod:`emakit.distributed.gather`).
 
     Args:
         ema: the EMA.
@@ -126,7 +128,6 @@ def save(ema: EMA, path: str | os.PathLike[str], *,
     with ema.lock:  # one consistent state: another thread's update waits for the file
         state = ema.state_dict()  # raises SwapError inside swapped()
         shadows = state.pop("shadows")
-        raws = {n: stream.raw_bytes(t, n) for n, t in shadows.items()}
         header: dict[str, Any] = {"kind": KIND, "format_version": FORMAT_VERSION,
                                   "emakit_version": __version__}
         header.update(state)
@@ -134,10 +135,21 @@ def save(ema: EMA, path: str | os.PathLike[str], *,
         header["shadow_dtypes"] = {n: _dtype(t) for n, t in shadows.items()}
         header.setdefault("source_dtypes", ema.source_dtypes())
         header["user"] = user
-        header["checksums"] = {"algorithm": "crc32",
-                               "tensors": {n: stream.crc32(r.data) for n, r in raws.items()}}
-        text = json.dumps(header)
-        meta = {HEADER_KEY: text, HEADER_CRC_KEY: stream.crc32(memoryview(text.encode()))}
+
+        def file_metadata(sums: Mapping[str, str]) -> dict[str, str]:
+            header["checksums"] = {"algorithm": "crc32", "tensors": dict(sums)}
+            text = json.dumps(header)
+            return {HEADER_KEY: text, HEADER_CRC_KEY: stream.crc32(memoryview(text.encode()))}
+
+        from emakit.distributed.gather import has_shards
+
+        if has_shards(shadows):  # a sharded EMA: gathered tensor by tensor, rank 0 writes
+            from emakit.distributed.gather import write_gathered
+
+            write_gathered(dest, shadows, file_metadata)
+            return
+        raws = {n: stream.raw_bytes(t, n) for n, t in shadows.items()}
+        meta = file_metadata({n: stream.crc32(r.data) for n, r in raws.items()})
         with atomic_write(dest) as f:
             stream.write_safetensors(f, raws, meta)
 

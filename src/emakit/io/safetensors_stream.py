@@ -27,10 +27,10 @@ from __future__ import annotations
 import json
 import sys
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any, NamedTuple
 
-__all__ = ["CODES", "Raw", "crc32", "raw_bytes", "write_safetensors"]
+__all__ = ["CODES", "Raw", "crc32", "raw_bytes", "write_safetensors", "write_safetensors_lazily"]
 
 CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
          "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
@@ -118,19 +118,87 @@ def write_safetensors(f: IO[bytes], raws: Mapping[str, Raw],
     if "__metadata__" in raws:
         raise ValueError("a tensor may not be named '__metadata__' in a safetensors file; "
                          "rename it.")
-    order = sorted(raws, key=lambda n: -_SIZES[raws[n].code])  # stable: aligned offsets
+    layout = {n: (r.code, r.shape) for n, r in raws.items()}
+    f.write(_header_blob(layout, metadata))
+    for name in _order(layout):
+        f.write(raws[name].data)
+
+
+def _order(layout: Mapping[str, tuple[str, list[int]]]) -> list[str]:
+    return sorted(layout, key=lambda n: -_SIZES[layout[n][0]])  # stable: aligned offsets
+
+
+def _header_blob(layout: Mapping[str, tuple[str, list[int]]],
+                 metadata: Mapping[str, str] | None) -> bytes:
+    """The 8-byte length and the padded JSON header for tensors of ``layout`` (name -> code,
+    shape), in :func:`_order`."""
+    if "__metadata__" in layout:
+        raise ValueError("a tensor may not be named '__metadata__' in a safetensors file; "
+                         "rename it.")
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    for name in order:
-        raw = raws[name]
-        end = offset + raw.data.nbytes
-        header[name] = {"dtype": raw.code, "shape": raw.shape, "data_offsets": [offset, end]}
+    for name in _order(layout):
+        code, shape = layout[name]
+        end = offset + _SIZES[code] * _count(shape)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, end]}
         offset = end
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    f.write(len(blob).to_bytes(8, "little"))
-    f.write(blob)
-    for name in order:
-        f.write(raws[name].data)
+    return len(blob).to_bytes(8, "little") + blob
+
+
+def _count(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def write_safetensors_lazily(f: IO[bytes] | None, layout: Mapping[str, tuple[str, list[int]]],
+                             produce: Callable[[str], Raw | None],
+                             metadata: Callable[[Mapping[str, str]], Mapping[str, str]]) -> None:
+    """Write tensors one at a time as ``produce`` makes them (peak memory: one tensor).
+
+    The header, which comes first, names every tensor's checksum, known only once the tensor
+    is made: it is written with placeholders first and rewritten in place at the end (a
+    checksum has a fixed width, so the header keeps its length). ``produce`` is called for
+    every name in the same order on every caller, so it may run a collective (gathering a
+    sharded tensor on every rank); only the caller with a file (``f``) writes.
+
+    Args:
+        f: a seekable binary file, or None on callers that only take part in ``produce``.
+        layout: name -> (safetensors dtype code, shape) of every tensor.
+        produce: name -> its :class:`Raw` (None on callers without a file).
+        metadata: the checksums by name -> the header's metadata.
+
+    Raises:
+        ValueError: a produced tensor that does not match its layout, or a header whose
+            length changed (a metadata function whose output depends on more than checksums
+            of fixed width).
+    """
+    placeholder = dict.fromkeys(layout, "0" * 8)
+    blob = _header_blob(layout, metadata(placeholder))
+    if f is not None:
+        start = f.tell()
+        f.write(blob)
+    sums: dict[str, str] = {}
+    for name in _order(layout):
+        raw = produce(name)
+        if f is None or raw is None:
+            continue
+        if (raw.code, list(raw.shape)) != (layout[name][0], list(layout[name][1])):
+            raise ValueError(f"{name!r}: produced {raw.code} {raw.shape}, the header says "
+                             f"{layout[name][0]} {list(layout[name][1])}.")
+        sums[name] = crc32(raw.data)
+        f.write(raw.data)
+    if f is None:
+        return
+    final = _header_blob(layout, metadata(sums))
+    if len(final) != len(blob):
+        raise ValueError("the header changed length while the tensors were written")
+    end = f.tell()
+    f.seek(start)
+    f.write(final)
+    f.seek(end)

@@ -66,6 +66,9 @@ def write_weights(tensors: Mapping[str, Any], path: str | os.PathLike[str], *,
     Everything is checked and converted before the file is opened, so bad input leaves the
     previous file as it was.
 
+    For a sharded model's state (DTensors) this is a collective: call it on every rank; rank 0
+    writes the full tensors (``.safetensors``: gathered one at a time).
+
     Args:
         tensors: torch tensors or numpy arrays, by name.
         path: ends in ``.safetensors``, ``.npz``, ``.pt`` or ``.pth``.
@@ -83,6 +86,14 @@ def write_weights(tensors: Mapping[str, Any], path: str | os.PathLike[str], *,
     if _META_KEY in tensors:
         raise ValueError(f"{str(dest)!r}: a tensor may not be named {_META_KEY!r} (it holds "
                          "the metadata); rename it.")
+    from emakit.distributed.gather import gathered, has_shards, write_gathered
+
+    if has_shards(tensors):  # a sharded model's state: a collective, rank 0 writes
+        if suffix == ".safetensors":
+            write_gathered(dest, tensors, lambda sums: meta)
+        else:
+            gathered(tensors, lambda full: write_weights(full, dest, metadata=meta))
+        return
     if suffix == ".safetensors":
         from emakit.io.safetensors_stream import raw_bytes, write_safetensors
 

@@ -1,0 +1,90 @@
+"""One full file from a sharded model's tensors: gathered one tensor at a time, written on rank 0.
+
+``emakit.save`` of a sharded EMA, and ``KeepBest`` / ``write_weights`` of a sharded model state,
+are collectives: every rank calls them; each DTensor is gathered in turn (``full_tensor()``) and
+rank 0 streams it into the file before the next one is gathered, so rank 0 holds about one full
+tensor at a time, never the model. Rank 0 writes atomically; every rank returns only once the
+file is in place (a barrier), so a rank may read it right after. Without a process group (one
+process), this is a plain write.
+
+If rank 0 fails while writing, the other ranks may wait in the next gather: a failed save of a
+sharded EMA is an error to stop the job on, as any failed collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from emakit.distributed.shards import gather, is_dtensor
+
+__all__ = ["gathered", "has_shards", "rank", "write_gathered"]
+
+
+def has_shards(tensors: Mapping[str, Any]) -> bool:
+    """True if any value is a DTensor (the write must then be a collective)."""
+    return any(is_dtensor(t) for t in tensors.values())
+
+
+def rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _full(name: str, x: Any) -> Any:
+    return gather(x) if is_dtensor(x) else x
+
+
+def write_gathered(dest: Path, tensors: Mapping[str, Any],
+                   metadata: Callable[[Mapping[str, str]], Mapping[str, str]]) -> None:
+    """Write ``tensors`` (DTensors gathered) as one safetensors file on rank 0.
+
+    Args:
+        dest: the file (rank 0 writes it atomically).
+        tensors: name -> tensor or DTensor, the same names in the same order on every rank.
+        metadata: the CRC-32 of each tensor (by name) -> the file's metadata.
+    """
+    from emakit.io.atomic import atomic_write
+    from emakit.io.safetensors_stream import CODES, Raw, raw_bytes, write_safetensors_lazily
+
+    layout = {n: (CODES[str(t.dtype).removeprefix("torch.")], list(t.shape))
+              for n, t in tensors.items()}
+    writer = rank() == 0
+
+    def produce(name: str) -> Raw | None:
+        full = _full(name, tensors[name])  # a collective for a DTensor: every rank runs it
+        return raw_bytes(full, name) if writer else None
+
+    if writer:
+        with atomic_write(dest) as f:
+            write_safetensors_lazily(f, layout, produce, metadata)
+    else:
+        write_safetensors_lazily(None, layout, produce, metadata)
+    _barrier()
+
+
+def gathered(tensors: Mapping[str, Any], write: Callable[[dict[str, Any]], None]) -> None:
+    """Gather every DTensor of ``tensors`` and call ``write`` with the full tensors on rank 0.
+
+    For formats written in one piece (``.pt``, ``.npz``): rank 0 holds the whole model while it
+    writes. Every rank must call it.
+    """
+    writer = rank() == 0
+    full = {}
+    for name, t in tensors.items():
+        x = _full(name, t)  # a collective for a DTensor: every rank runs it
+        if writer:
+            full[name] = x
+    if writer:
+        write(full)
+    _barrier()
