@@ -11,7 +11,10 @@ the tests cannot avoid on a 2-core CPU machine, each named exactly:
   in-memory tensors, where workers would only cost process start-ups);
 - Lightning's note that a small dataset logs less often than ``log_every_n_steps``;
 - torch's deprecation of ``LeafSpec()``, which Lightning 2.6 still calls when it flattens the
-  dataloaders (a ``FutureWarning`` raised inside Lightning, not by emakit).
+  dataloaders (a ``FutureWarning`` raised inside Lightning, not by emakit);
+- in the Keras tests only: numpy 2's deprecation of ``__array__`` without ``copy=``, which
+  Keras 3.15's torch backend triggers in ``predict`` (``np.array`` on a torch tensor inside
+  ``keras.src.backend.torch``).
 """
 
 import os
@@ -30,9 +33,16 @@ FILTERS = (
 )
 
 
+KERAS_FILTERS = (
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = os.path.dirname(__file__)
     for item in items:
-        if str(item.fspath).startswith(here):
-            for spec in FILTERS:
+        path = str(item.fspath)
+        if path.startswith(here):
+            specs = FILTERS + (KERAS_FILTERS if path.endswith("test_keras.py") else ())
+            for spec in specs:
                 item.add_marker(pytest.mark.filterwarnings(spec))
