@@ -220,9 +220,8 @@ def verbs_on_shards(rank: int, world: int, tmp: Path) -> None:
     model.eval()
     with torch.no_grad():
         model(x)
-    with ema.swapped():
-        with torch.no_grad():
-            got = model(x)
+    with ema.swapped(), torch.no_grad():
+        got = model(x)
     plain.load_state_dict(ref.ema.model_state_dict())
     plain.eval()
     with torch.no_grad():
