@@ -205,3 +205,12 @@ def test_bad_arguments_are_refused_when_the_callback_is_made():
         EMACallback(decay=2.0)
     with pytest.raises(ValueError, match="mode must be"):
         EMACallback(mode="best")
+
+
+def test_one_update_per_optimizer_step_with_gradient_accumulation():
+    model = build(compile=False)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, gradient_accumulation_steps=2),
+                  loss="mse")
+    callback = EMACallback(decay=DECAY)
+    model.fit(*TRAIN, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
+    assert callback.ema.step == callback.ema.num_updates == 2  # 4 batches, 2 optimizer steps

@@ -11,7 +11,8 @@ What it does at each event (``docs/integrations/keras.md``):
   (``"dense/kernel"``); non-trainable weights -- BatchNormalization's moving mean and
   variance -- are copied, not averaged (``non_trainable=``), and integer ones always copied;
 - ``on_train_batch_end``: ``ema.update(step=optimizer.iterations)``: once per optimizer step
-  (``gradient_accumulation_steps`` and ``steps_per_execution`` respected);
+  (``gradient_accumulation_steps`` respected; where one call covers several steps --
+  ``steps_per_execution`` off the torch backend -- the decay of every step is applied);
 - ``on_test_begin`` / ``on_predict_begin``: the EMA weights go into the model for evaluation
   (the validation at the end of each epoch of ``fit``, and ``evaluate`` / ``predict`` given
   ``callbacks=[callback]``); ``on_test_end`` / ``on_predict_end`` put the training weights back
