@@ -36,9 +36,9 @@ import functools
 import inspect
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 import warnings
 import weakref
 from collections.abc import Callable
@@ -90,7 +90,8 @@ def _save_pretrained(model: Any, processing: Any, tensors: dict[str, Any] | None
     folder ``dest`` in ``save_pretrained`` layout; the old folder is replaced only once the new
     one is complete."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    new = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    new = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+    new.mkdir()  # the umask's mode, like the folders the Trainer writes
     try:
         model.save_pretrained(new, state_dict=tensors)
         if processing is not None and callable(getattr(processing, "save_pretrained", None)):
