@@ -1,11 +1,12 @@
 """One full file from a sharded model's tensors: gathered one tensor at a time, written on rank 0.
 
 ``emakit.save`` of a sharded EMA, and ``KeepBest`` / ``write_weights`` of a sharded model state,
-are collectives: every rank calls them; each DTensor is gathered in turn (``full_tensor()``) and
-rank 0 streams it into the file before the next one is gathered, so rank 0 holds about one full
-tensor at a time, never the model. Rank 0 writes atomically; every rank returns only once the
-file is in place (a barrier), so a rank may read it right after. Without a process group (one
-process), this is a plain write.
+are collectives: every rank calls them; each DTensor is gathered in turn to rank 0 (dim-0
+shards, FSDP2's layout: each rank sends its rows into one reused buffer on rank 0; other layouts:
+``full_tensor()``) and rank 0 streams it into the file before the next one is gathered, so
+rank 0 holds about one full tensor at a time, never the model. Rank 0 writes atomically; every
+rank returns only once the file is in place (a barrier), so a rank may read it right after.
+Without a process group (one process), this is a plain write.
 
 If rank 0 fails while writing, the other ranks may wait in the next gather: a failed save of a
 sharded EMA is an error to stop the job on, as any failed collective.
@@ -45,6 +46,56 @@ def _full(name: str, x: Any) -> Any:
     return gather(x) if is_dtensor(x) else x
 
 
+class _Gatherer:
+    """Full tensors of dim-0 shards on a 1-D mesh (FSDP2's layout), sent to rank 0 only.
+
+    Each rank sends its rows to rank 0 (point to point), which receives them in place into one
+    buffer reused for every tensor: the rows arrive in order, so the full tensor is the front of
+    the buffer. Rank 0's peak memory is the largest tensor, once; the other ranks hold nothing
+    extra (an all-gather would make every rank hold the full tensor, and gloo's a second copy).
+    Other layouts use ``full_tensor()``. The result is a view of the buffer, valid until the next
+    call (None on ranks other than 0).
+    """
+
+    def __init__(self) -> None:
+        self.buffer: Any = None
+
+    def full(self, x: Any) -> Any:
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.tensor import Shard
+
+        if not is_dtensor(x):
+            return x
+        mesh, places = x.device_mesh, tuple(x.placements)
+        ranks = mesh.mesh.tolist() if mesh.ndim == 1 else []
+        if places != (Shard(0),) or x.ndim == 0 or not ranks or ranks[0] != 0:
+            return gather(x)
+        n, world = x.shape[0], len(ranks)
+        rows = -(-n // world)  # torch.chunk: ceil(n / world) rows per rank, the last fewer
+        sizes = [max(0, min(rows, n - k * rows)) for k in range(world)]
+        piece = x.to_local().detach()
+        me = ranks.index(rank())
+        if me != 0:
+            if sizes[me]:
+                dist.send(piece.contiguous(), dst=ranks[0])
+            return None
+        nbytes = n * piece[:1].numel() * piece.element_size() if n else 0
+        if self.buffer is None or self.buffer.numel() < nbytes or \
+                self.buffer.device != piece.device:
+            self.buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=piece.device)
+        out = self.buffer[:nbytes].view(piece.dtype).view(tuple(x.shape))
+        start = 0
+        with torch.no_grad():
+            for k, size in enumerate(sizes):
+                if size and k == 0:
+                    out[:size].copy_(piece)
+                elif size:
+                    dist.recv(out[start:start + size], src=ranks[k])
+                start += size
+        return out
+
+
 def write_gathered(dest: Path, tensors: Mapping[str, Any],
                    metadata: Callable[[Mapping[str, str]], Mapping[str, str]]) -> None:
     """Write ``tensors`` (DTensors gathered) as one safetensors file on rank 0.
@@ -60,10 +111,11 @@ def write_gathered(dest: Path, tensors: Mapping[str, Any],
     layout = {n: (CODES[str(t.dtype).removeprefix("torch.")], list(t.shape))
               for n, t in tensors.items()}
     writer = rank() == 0
+    gatherer = _Gatherer()
 
     def produce(name: str) -> Raw | None:
-        full = _full(name, tensors[name])  # a collective for a DTensor: every rank runs it
-        return raw_bytes(full, name) if writer else None
+        full = gatherer.full(tensors[name])  # a collective for a DTensor: every rank runs it
+        return raw_bytes(full, name) if writer and full is not None else None
 
     if writer:
         with atomic_write(dest) as f:

@@ -70,10 +70,11 @@ def local(x: Any) -> Any:
 def as_dtensor(local_tensor: Any, spec: ShardSpec) -> Any:
     """A DTensor with ``spec``'s layout around ``local_tensor`` (shares its memory; no check, no
     collective: the global shape and strides come from the spec, so uneven shards are right)."""
+    import torch
     from torch.distributed.tensor import DTensor
 
     return DTensor.from_local(local_tensor, spec.mesh, spec.placements, run_check=False,
-                              shape=spec.shape, stride=spec.stride)
+                              shape=torch.Size(spec.shape), stride=spec.stride)
 
 
 def local_piece(value: Any, spec: ShardSpec) -> Any:
