@@ -14,6 +14,7 @@
 """
 
 from emakit import schedules
+from emakit.bema import BEMA
 from emakit.best import KeepBest
 from emakit.clock import Start
 from emakit.ema import EMA
@@ -26,6 +27,7 @@ from emakit.state import FORMAT_VERSION, LoadResult
 from emakit.version import __version__
 
 __all__ = [
+    "BEMA",
     "EMA",
     "FORMAT_VERSION",
     "EMAWarning",

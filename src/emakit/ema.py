@@ -33,7 +33,7 @@ from emakit import engine, schedules
 from emakit.backends import GroupInfo
 from emakit.clock import DecayClock, Start, resolve_schedule
 from emakit.errors import SwapError
-from emakit.folding import for_policy
+from emakit.folding import Folding, for_policy
 from emakit.hooks import Attachment, Hooks
 from emakit.policy import Action, Policy
 from emakit.state import FORMAT_VERSION, LoadResult
@@ -102,11 +102,15 @@ class EMA:
         tracked = Tracked(source, Policy() if policy is None else policy, dtype=dtype,
                           device=device, zeros=begin.zeros, fast=bool(foreach))
         tracked.warn_if_stalling(schedule(1_000_000))
-        self._parts = engine.Parts(tracked, clock, for_policy(tracked, "zeros" if begin.zeros
-                                                             else "copy"))
+        folding = self._folding(tracked, clock, "zeros" if begin.zeros else "copy")
+        self._parts = engine.Parts(tracked, clock, folding)
         self._undo: UndoRecord | None = None
         self._hooks = Hooks(tracked, self._after_step)
         self._lock: threading.RLock = threading.RLock()
+
+    def _folding(self, tracked: Tracked, clock: DecayClock, init: str) -> Folding:
+        """The folding strategy (a subclass may wrap it, as :class:`~emakit.bema.BEMA` does)."""
+        return for_policy(tracked, init)
 
     # ----------------------------------------------------------------------------- read-only
     @property
@@ -250,8 +254,7 @@ class EMA:
 
     # ------------------------------------------------------------------------ the average
     def _values(self) -> list[Any]:
-        return self.parts.folding.values(self.parts.clock.num_updates,
-                                         self.parts.clock.decay_product)
+        return self.parts.folding.values(self.parts.clock)
 
     @_locked
     def averaged(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ state per EMA and applies them all or none. ``EMA.update`` / ``EMA.load_state_di
 
 Data flow of one update: ``clock.advance(step)`` gives the interval decay ``D`` (or None: not an
 update step); ``tracked.prepare()`` fetches the weights by name and checks (one pointer read per
-tensor) that the plan still fits them; ``folding.fold(plan, weights, D)`` runs the kernels;
+tensor) that the plan still fits them; ``folding.fold(plan, weights, tick)`` runs the kernels;
 ``clock.commit`` records the update.
 """
 
@@ -98,7 +98,7 @@ def update(emas: Sequence[HasParts], step: int | None, *,
         if tick is None:
             return False
         sources, plan = one.tracked.prepare(overlap=emas[0].overlap)
-        one.folding.fold(plan, sources, tick.decay)
+        one.folding.fold(plan, sources, tick)
         one.clock.commit(tick)
         return True
     parts = [ema.parts for ema in emas]
@@ -119,7 +119,7 @@ def update(emas: Sequence[HasParts], step: int | None, *,
                 each.copy_(sources)
     else:
         for p, each, tick in zip(parts, plans, ticks):
-            p.folding.fold(each, sources, tick.decay)
+            p.folding.fold(each, sources, tick)
     for p, tick in zip(parts, ticks):
         p.clock.commit(tick)
     return True

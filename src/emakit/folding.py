@@ -14,13 +14,14 @@ skipped tensor misses some updates, so :class:`Guarded` keeps a ``P`` per tensor
 
 Example:
     >>> import numpy as np
+    >>> from emakit.clock import Tick
     >>> from emakit.policy import Policy
     >>> from emakit.tracked import Tracked
     >>> w = {"w": np.array([np.nan, 1.0])}
     >>> t = Tracked(w, Policy(), dtype=None, device=None, zeros=False, fast=True)
     >>> g = Guarded(t, init="copy")
     >>> sources, plan = t.prepare()
-    >>> g.fold(plan, sources, 0.5)
+    >>> g.fold(plan, sources, Tick(1, 0.5))
     >>> g.skips()
     {'w': 1}
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from emakit.backends import Plan
+from emakit.clock import DecayClock, Tick
 from emakit.errors import StateDictError, SwapError
 from emakit.state import CheckedState, average_divisors
 from emakit.tracked import Tracked
@@ -56,9 +58,10 @@ class Folding:
         """Forget skip counts and per-tensor products (a new start, or before a load)."""
         self.init = init
 
-    def fold(self, plan: Plan, sources: list[Any], decay: float) -> None:
-        """Fold ``sources`` in with the interval decay ``decay`` (copied tensors copied)."""
-        plan.lerp_(sources, 1.0 - decay)
+    def fold(self, plan: Plan, sources: list[Any], tick: Tick) -> None:
+        """Fold ``sources`` (the weights of step ``tick.step``) in with the interval decay
+        ``tick.decay`` (copied tensors copied)."""
+        plan.lerp_(sources, 1.0 - tick.decay)
         if self.tracked.copy_shadows:
             plan.copy_(sources)
 
@@ -75,11 +78,11 @@ class Folding:
                               "which folds nothing in (the correction would divide by zero).")
         return None if divisors is None else 1.0 - decay_product
 
-    def values(self, num_updates: int, decay_product: float) -> list[Any]:
+    def values(self, clock: DecayClock) -> list[Any]:
         """The averages (bias-corrected where needed), averaged tensors first, then copied."""
         t = self.tracked
         t.settle()
-        divisors = self.divisors(num_updates, decay_product)
+        divisors = self.divisors(clock.num_updates, clock.decay_product)
         avg = t.avg_shadows if divisors is None else t.backend.scaled(t.avg_shadows, divisors)
         return avg + t.copy_shadows
 
@@ -93,6 +96,7 @@ class Folding:
 
     def check(self, checked: CheckedState) -> None:
         """Raise if a checked state holds what this strategy cannot load (nothing changes)."""
+        self.check_extras(checked, ())
         products = checked.products
         if products is not None and any(products.get(n, checked.decay_product) !=
                                         checked.decay_product for n in self.tracked.avg_names):
@@ -100,6 +104,15 @@ class Folding:
                 "the state holds per-tensor bias corrections (decay_products) of an EMA whose "
                 "guard skipped some tensors",
                 fix="Create the EMA with policy=emakit.Policy(nonfinite='skip') to load it.")
+
+    def check_extras(self, checked: CheckedState, known: tuple[str, ...]) -> None:
+        """Refuse a state carrying tensors of a strategy this EMA does not run (e.g. BEMA's
+        origin loaded into a plain EMA would silently drop the correction)."""
+        unknown = sorted(set(checked.extras) - set(known))
+        if unknown:
+            raise StateDictError(
+                f"the state holds tensors of another averaging method ({', '.join(unknown)})",
+                fix="Load it into the kind of EMA that saved it (bema_origin: emakit.BEMA).")
 
     def load(self, checked: CheckedState) -> None:
         """Take the strategy's part of a checked state."""
@@ -121,11 +134,11 @@ class Guarded(Folding):
         self.products = (t.backend.new_counters(t.avg_shadows, product=True)
                          if init == "zeros" else None)
 
-    def fold(self, plan: Plan, sources: list[Any], decay: float) -> None:
+    def fold(self, plan: Plan, sources: list[Any], tick: Tick) -> None:
         t = self.tracked
         t.settle()
         n = len(t.avg_shadows)
-        t.backend.guarded_update_(t.avg_shadows, sources[:n], decay, self.counters[:n],
+        t.backend.guarded_update_(t.avg_shadows, sources[:n], tick.decay, self.counters[:n],
                                   self.products)
         t.backend.guarded_update_(t.copy_shadows, sources[n:], None, self.counters[n:])
 
@@ -157,6 +170,8 @@ class Guarded(Folding):
     def check(self, checked: CheckedState) -> None:
         if checked.init != "zeros":
             super().check(checked)
+        else:
+            self.check_extras(checked, ())
 
     def load(self, checked: CheckedState) -> None:
         self.reset(checked.init)

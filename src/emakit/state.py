@@ -22,6 +22,7 @@ nonfinite_skips     (guard) name -> how many updates skipped it
 decay_products      (guard with ``init="zeros"``) name -> its own decay product
 source_dtypes       (informational) name -> the model's dtype
 aliases             (informational) second name of a tied weight -> its tracked name
+extras              (a strategy's tensors, e.g. BEMA's origin) group -> name -> tensor
 ==================  ===========================================================================
 
 :func:`check_state` checks every entry and converts the tensors before anything is loaded, so a
@@ -90,6 +91,8 @@ class CheckedState(NamedTuple):
     decay: Mapping[str, Any]
     skips: dict[str, int]
     products: dict[str, float] | None
+    extras: Mapping[str, dict[str, Any]] = MappingProxyType({})
+    raw: Mapping[str, Any] = MappingProxyType({})
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
     changed: Mapping[str, tuple[Any, Any]] = MappingProxyType({})
@@ -187,8 +190,18 @@ def check_state(state: object, as_native: Callable[[object, str], Any]) -> Check
             if not isinstance(value, str):
                 raise StateDictError(f"state[{key!r}][{name!r}] must be a str, got "
                                      f"{short(value)}")
+    extras: dict[str, dict[str, Any]] = {}
+    for group, tensors in _mapping(state, "extras", optional=True).items():
+        if not isinstance(tensors, Mapping) or not all(isinstance(k, str) for k in tensors):
+            raise StateDictError(f"state['extras'][{group!r}] must map names to tensors, got "
+                                 f"{type(tensors).__name__}")
+        try:
+            extras[group] = {n: as_native(t, f"state['extras'][{group!r}][{n!r}]")
+                             for n, t in tensors.items()}
+        except (TypeError, RuntimeError, NotImplementedError) as exc:
+            raise StateDictError(str(exc)) from None
     return CheckedState(step, last, updates, product, str(init), every, shadows, actions,
-                        state["decay"], skips, products)
+                        state["decay"], skips, products, extras, state)
 
 
 def average_divisors(init: str, decay_product: float, products: Mapping[str, float] | None,

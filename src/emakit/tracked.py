@@ -180,13 +180,18 @@ class Tracked:
     def state_tensors(self) -> dict[str, Any]:
         """Tracked name -> shadow for ``state_dict()``: a sharded one as a DTensor around the
         local shadow (no copy, no collective), so distributed checkpoints see the layout."""
-        mine = self.by_name()
+        return self.state_tensors_of(self.names, self.shadows)
+
+    def state_tensors_of(self, names: Sequence[str], tensors: Sequence[Any]) -> dict[str, Any]:
+        """``name -> tensor`` for a state, shadow-shaped tensors of sharded names as DTensors."""
+        out = dict(zip(names, tensors))
         if self.specs:
             from emakit.distributed import shards
 
-            for name, spec in self.specs.items():
-                mine[name] = shards.as_dtensor(mine[name], spec)
-        return mine
+            for name in out:
+                if name in self.specs:
+                    out[name] = shards.as_dtensor(out[name], self.specs[name])
+        return out
 
     def repointable(self) -> list[bool]:
         """Per tracked tensor: may a swap re-point it at its shadow? Not a shard, whose local
@@ -276,13 +281,18 @@ class Tracked:
         self.settle()
         mine = self.by_name()
         names = [n for n in self.names if n in tensors]
-        values = [tensors[n] for n in names]
+        self.write_into([mine[n] for n in names], names, [tensors[n] for n in names])
+
+    def write_into(self, dsts: Sequence[Any], names: Sequence[str], values: Sequence[Any]
+                   ) -> None:
+        """Copy ``values`` into shadow-shaped ``dsts`` of tracked ``names`` (a sharded name
+        takes its local piece of a DTensor or of a full tensor)."""
         if self.specs:
             from emakit.distributed import shards
 
             values = [shards.local_piece(v, self.specs[n]) if n in self.specs else v
                       for n, v in zip(names, values)]
-        self.backend.copy_([mine[n] for n in names], values)
+        self.backend.copy_(dsts, values)
 
     def adopt(self, weights: dict[str, Any]) -> None:
         """Copy averages from another library's checkpoint in (cast to the shadows' dtypes).

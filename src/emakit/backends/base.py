@@ -175,6 +175,12 @@ class Backend(ABC):
         """New arrays ``xs[i] / divisor`` (or ``/ divisor[i]``) in the dtype of ``xs[i]``."""
 
     @abstractmethod
+    def shifted(self, base: Sequence[Any], current: Sequence[Any], origin: Sequence[Any],
+                alpha: float) -> list[Any]:
+        """New arrays ``base[i] + alpha * (current[i] - origin[i])`` in ``base[i]``'s dtype and
+        on its device (``current`` converted first; BEMA's correction)."""
+
+    @abstractmethod
     def clone(self, x: Any, device: object = None) -> Any:
         """A copy of ``x`` (on ``device`` when given)."""
 

@@ -257,6 +257,11 @@ class NumpyBackend(Backend):
         divisors = [divisor] * len(xs) if isinstance(divisor, float) else list(divisor)
         return [x / x.dtype.type(d) for x, d in zip(xs, divisors)]
 
+    def shifted(self, base: Sequence[Any], current: Sequence[Any], origin: Sequence[Any],
+                alpha: float) -> list[Any]:
+        return [b + b.dtype.type(alpha) * (np.asarray(c).astype(b.dtype, copy=False) - o)
+                for b, c, o in zip(base, current, origin)]
+
     def clone(self, x: Any, device: object = None) -> Any:
         return np.array(x, copy=True)
 

@@ -196,7 +196,8 @@ def _nothing_matches(where: str, found: EMACheckpoint, how: str, missing: list[s
 
 def _saved_policy(saved: Mapping[str, Any], where: str) -> Policy:
     """The policy a file was saved with (a new EMA from it keeps the file's rules)."""
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                              for k, v in saved.items()}
     try:
         return Policy(**fields)
     except (TypeError, ValueError) as exc:

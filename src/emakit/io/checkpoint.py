@@ -50,8 +50,11 @@ from emakit.io.header import HEADER_CRC_KEY, HEADER_KEY, KIND, READABLE_VERSIONS
 from emakit.io.weights import read_weights
 from emakit.state import FORMAT_VERSION, LoadResult
 
-__all__ = ["HEADER_CRC_KEY", "HEADER_KEY", "KIND", "READABLE_VERSIONS", "load", "parse_header",
-           "read_header", "read_state", "save", "state_from"]
+EXTRA_SEP = "::"
+"""Separates a strategy's group from a tensor name in a file (``"bema_origin::fc.weight"``)."""
+
+__all__ = ["EXTRA_SEP", "HEADER_CRC_KEY", "HEADER_KEY", "KIND", "READABLE_VERSIONS", "load",
+           "parse_header", "read_header", "read_state", "save", "state_from"]
 
 _FILE_ONLY = ("kind", "format_version", "emakit_version", "half_life", "shadow_dtypes", "user",
               "checksums")
@@ -127,7 +130,13 @@ def save(ema: EMA, path: str | os.PathLike[str], *,
 
     with ema.lock:  # one consistent state: another thread's update waits for the file
         state = ema.state_dict()  # raises SwapError inside swapped()
-        shadows = state.pop("shadows")
+        shadows = dict(state.pop("shadows"))
+        extras = state.pop("extras", None) or {}
+        if extras:  # a strategy's tensors (BEMA's origin): stored as "GROUP::NAME"
+            state["extras"] = {g: {n: _dtype(t) for n, t in ts.items()}
+                               for g, ts in extras.items()}
+            shadows.update({f"{g}{EXTRA_SEP}{n}": t for g, ts in extras.items()
+                            for n, t in ts.items()})
         header: dict[str, Any] = {"kind": KIND, "format_version": FORMAT_VERSION,
                                   "emakit_version": __version__}
         header.update(state)
@@ -277,14 +286,18 @@ def state_from(src: Path, header: Mapping[str, Any], tensors: Mapping[str, Any],
         StateDictError: the tensors do not match the header (names, dtypes, checksums), naming
             the keys.
     """
-    dtypes = header["shadow_dtypes"]
+    dtypes = dict(header["shadow_dtypes"])
     names = list(header["actions"])
-    missing = [n for n in names if n not in tensors]
-    unexpected = [n for n in tensors if n not in header["actions"]]
+    extras = header.get("extras") or {}
+    extra_names = {f"{g}{EXTRA_SEP}{n}": (g, n) for g, ts in extras.items() for n in ts}
+    dtypes.update({f"{g}{EXTRA_SEP}{n}": d for g, ts in extras.items() for n, d in ts.items()})
+    names_all = names + list(extra_names)
+    missing = [n for n in names_all if n not in tensors]
+    unexpected = [n for n in tensors if n not in header["actions"] and n not in extra_names]
     mismatched = []
     from emakit.backends import backend_for
 
-    for name in names:
+    for name in names_all:
         if name in tensors:
             backend = backend_for(tensors[name])
             have = backend.info(tensors[name]).dtype if backend else type(tensors[name]).__name__
@@ -299,6 +312,10 @@ def state_from(src: Path, header: Mapping[str, Any], tensors: Mapping[str, Any],
     state: dict[str, Any] = {k: v for k, v in header.items() if k not in _FILE_ONLY}
     state["format_version"] = FORMAT_VERSION
     state["shadows"] = {n: tensors[n] for n in names}
+    if extra_names:
+        state["extras"] = {g: {} for g in extras}
+        for key, (g, n) in extra_names.items():
+            state["extras"][g][n] = tensors[key]
     state["header"] = dict(header)
     return state
 

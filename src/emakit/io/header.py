@@ -231,6 +231,14 @@ def check_fields(where: str, state: Mapping[str, Any], *, label: str = "state ke
     _names_to(where, label, state, "source_dtypes", _dtype_name, "a dtype name", optional=True)
     _names_to(where, label, state, "aliases", lambda v: isinstance(v, str), "a name",
               optional=True)
+    extras = state.get("extras")
+    if extras is not None and not (
+            isinstance(extras, dict) and all(isinstance(g, str) and "::" not in g and
+                                             isinstance(ts, dict) and
+                                             all(isinstance(n, str) for n in ts)
+                                             for g, ts in extras.items())):
+        _bad(where, label, "extras", "a dict of groups mapping names to tensors (or dtypes)",
+             extras)
 
 
 def _check_checksums(where: str, value: object) -> None:

@@ -177,6 +177,15 @@ class TorchBackend(Backend):
             scalars = divisor if isinstance(divisor, float) else list(divisor)
             return list(torch._foreach_div(list(xs), scalars))
 
+    def shifted(self, base: Sequence[Any], current: Sequence[Any], origin: Sequence[Any],
+                alpha: float) -> list[Any]:
+        if not base:
+            return []
+        with torch.no_grad():
+            now = [c.to(device=b.device, dtype=b.dtype) for b, c in zip(base, current)]
+            return list(torch._foreach_add(list(base), torch._foreach_sub(now, list(origin)),
+                                           alpha=alpha))
+
     def clone(self, x: Any, device: object = None) -> Any:
         with torch.no_grad():
             if device is None:
