@@ -136,6 +136,11 @@ def _loader(model: Any) -> tuple[Callable[[dict[str, Any]], None], Callable[[], 
             missing = [k for k in state if k not in model]
             if missing:
                 raise ValueError(f"the snapshots hold tensors the model lacks: {missing[:5]}.")
+            shapes = [f"{k}: {np.shape(model[k])} != {np.shape(v)}" for k, v in state.items()
+                      if np.shape(model[k]) != np.shape(v)]
+            if shapes:
+                raise ValueError(f"the model's arrays differ in shape from the snapshots': "
+                                 f"{shapes[:5]}; give the model they recorded.")
             for k, v in state.items():
                 np.copyto(model[k], v)
 

@@ -196,11 +196,19 @@ def _step(record: Record, step: int | None) -> int:
         return last
     if isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"step must be an int (an optimizer step), got {step!r}.")
-    first = min(e.step for e in record.entries)
-    if not first <= step <= last:
-        raise ValueError(f"step={step} is outside the snapshots' steps {first}..{last} in "
+    steps = record.steps
+    if not steps[0] <= step <= last:
+        raise ValueError(f"step={step} is outside the snapshots' steps {steps[0]}..{last} in "
                          f"{_where(record.dir)}: a synthesised average uses the snapshots at "
                          "or before its step, and none holds weights after the last.")
+    if step not in steps:
+        before = max(s for s in steps if s < step)
+        after = min(s for s in steps if s > step)
+        raise ValueError(
+            f"step={step} is not a snapshot step in {_where(record.dir)} (the nearest are "
+            f"{before} and {after}): the weights between {before} and {step} are in no "
+            "snapshot that ends by then, so no average ending there can be synthesised. "
+            "Choose a snapshot step.")
     return step
 
 
@@ -269,7 +277,8 @@ class _Reader:
 
         with safetensors.safe_open(str(self.paths[i]), framework="np") as f:
             x = f.get_tensor(self.name) if rows is None else f.get_slice(self.name)[rows]
-        x = np.ascontiguousarray(x)
+        if not x.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
+            x = x.copy(order="C")
         self.crcs[i] = zlib.crc32(x.reshape(-1).view(np.uint8).data, self.crcs[i])
         return x
 
@@ -301,8 +310,8 @@ def synthesize(dir: str | os.PathLike[str] | Record, sigma_rel: float, *,
         dir: the snapshot folder (or a :class:`Record` from :func:`open_record`).
         sigma_rel: the width of the average wanted, in the range the snapshots support at
             ``step`` (see :func:`emakit.posthoc.coefficients`).
-        step: the step the average ends at (default: the last snapshot's); the snapshots at
-            or before it are used.
+        step: the step the average ends at: a snapshot step (default: the last); the
+            snapshots at or before it are used.
         framework: ``"torch"`` or ``"numpy"`` tensors (default: torch for a torch model, where
             torch is installed).
         verify: check the files' header CRC-32 against the manifest and every tensor's CRC-32
