@@ -296,3 +296,16 @@ def test_weighted_sum_oracle_still_describes_the_guarded_copy_init():
         ema.update()
     expected = weighted_sum(xs[0], list(enumerate(xs[1:], 1)), lambda t: 0.7)
     np.testing.assert_allclose(ema.averaged()["w"], expected, rtol=1e-12)
+
+
+def test_store_and_restore_take_torch_emas_parameters_argument():
+    model, _ = _model_and_opt()
+    ema = emakit.EMA(model, decay=0.5)
+    before = model.weight.detach().clone()
+    ema.store(model.parameters())
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.restore(model.parameters())
+    assert torch.equal(model.weight, before)
+    with pytest.raises(ValueError, match=r"store\(parameters\): 1 of the 1 tensors given are not"):
+        ema.store([torch.zeros(2)])

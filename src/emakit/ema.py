@@ -37,7 +37,7 @@ from emakit.folding import Folding, for_policy
 from emakit.hooks import Attachment, Hooks
 from emakit.policy import Action, Policy
 from emakit.state import FORMAT_VERSION, LoadResult
-from emakit.swap import UndoRecord, back_up, swap_in, undo
+from emakit.swap import Swapper
 from emakit.tracked import Tracked
 
 __all__ = ["EMA", "set_checkpoint_reader"]
@@ -104,7 +104,7 @@ class EMA:
         tracked.warn_if_stalling(schedule(1_000_000))
         folding = self._folding(tracked, clock, "zeros" if begin.zeros else "copy")
         self._parts = engine.Parts(tracked, clock, folding)
-        self._undo: UndoRecord | None = None
+        self._swap = Swapper(tracked)
         self._hooks = Hooks(tracked, self._after_step)
         self._lock: threading.RLock = threading.RLock()
 
@@ -167,7 +167,7 @@ class EMA:
     @property
     def is_swapped(self) -> bool:
         """True between :meth:`apply_shadow` and :meth:`restore` (inside :meth:`swapped`)."""
-        return self._undo is not None and self._undo.kind == "swap"
+        return self._swap.swapped
 
     @_locked
     def source_dtypes(self) -> dict[str, str]:
@@ -318,12 +318,6 @@ class EMA:
         finally:
             self.restore()
 
-    def _check_not_swapped(self, what: str, *, stored_too: bool = False) -> None:
-        if self.is_swapped or (stored_too and self._undo is not None):
-            held = "swapped in" if self.is_swapped else "backed up by store()"
-            raise SwapError(f"{what} while the EMA weights are {held}; call restore() (or "
-                            "leave the swapped() block) first.")
-
     @_locked
     def copy_to(self, target: Any = None, *, strict: bool = True) -> list[str]:
         """Write the average into ``target`` (default: the source), matched by name.
@@ -339,7 +333,7 @@ class EMA:
         Returns:
             The tracked names that ``target`` lacked (empty when strict).
         """
-        self._check_not_swapped("copy_to() called")
+        self._swap.refuse("copy_to() called")
         return self.parts.tracked.copy_into(target, self._values(), strict=strict)
 
     # --------------------------------------------------------------------------------- state
@@ -409,7 +403,7 @@ class EMA:
         Shadows become copies of the current weights (zeros for ``start="zeros"``) and the
         update count restarts; the step count is kept.
         """
-        self._check_not_swapped("register() called")
+        self._swap.refuse("register() called")
         self.parts.tracked.reset(zeros=self.parts.folding.init == "zeros")
         self.parts.clock.restart(self.parts.clock.step)
         self.parts.folding.reset(self.parts.folding.init)
@@ -422,24 +416,18 @@ class EMA:
         shadow (no copy); otherwise it is backed up (on the shadow's device) and the average is
         copied in. Prefer the exception-safe :meth:`swapped`.
         """
-        self._check_not_swapped("apply_shadow() called", stored_too=True)
-        t = self.parts.tracked
-        self._undo = swap_in(t.backend, t.fetch(), self._values(), t.shadows, t.repointable())
+        self._swap.swap_in(self._values())
 
     @_locked
-    def store(self) -> None:
-        """Back up the current source weights (torch-ema's verb); :meth:`restore` puts them back."""
-        self._check_not_swapped("store() called", stored_too=True)
-        self._undo = back_up(self.parts.tracked.backend, self.parts.tracked.fetch())
+    def store(self, parameters: Any = None) -> None:
+        """Back up the current source weights (torch-ema's verb; ``store(model.parameters())``
+        works too); :meth:`restore` puts them back."""
+        self._swap.back_up(parameters)
 
     @_locked
-    def restore(self) -> None:
+    def restore(self, parameters: Any = None) -> None:
         """Bring back the training weights after :meth:`apply_shadow` or :meth:`store`."""
-        if self._undo is None:
-            raise SwapError("restore() called with nothing to restore: call apply_shadow() or "
-                            "store() first (or use the swapped() context manager).")
-        record, self._undo = self._undo, None
-        undo(self.parts.tracked.backend, record)
+        self._swap.restore(parameters)
 
 
 

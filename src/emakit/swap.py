@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 from emakit.backends import Backend
+from emakit.errors import SwapError
 
-__all__ = ["UndoRecord", "back_up", "swap_in", "undo"]
+__all__ = ["Swapper", "UndoRecord", "back_up", "swap_in", "undo"]
 
 
 class UndoRecord(NamedTuple):
@@ -83,3 +84,50 @@ def undo(backend: Backend, record: UndoRecord) -> None:
     for target, old, ptr in reversed(record.entries):
         if ptr:
             backend.repoint(target, old)
+
+
+class Swapper:
+    """An EMA's one undo slot: the EMA weights swapped in, or a backup of the training weights.
+
+    Args:
+        tracked: the EMA's tracked tensors (whose source is swapped).
+    """
+
+    def __init__(self, tracked: Any) -> None:
+        self.tracked = tracked
+        self.record: UndoRecord | None = None
+
+    @property
+    def swapped(self) -> bool:
+        """True while the EMA weights are in the model."""
+        return self.record is not None and self.record.kind == "swap"
+
+    def refuse(self, what: str, *, stored_too: bool = False) -> None:
+        """Raise :class:`~emakit.SwapError` if ``what`` is wrong now (swapped in; with
+        ``stored_too``, also while a backup waits)."""
+        if self.swapped or (stored_too and self.record is not None):
+            held = "swapped in" if self.swapped else "backed up by store()"
+            raise SwapError(f"{what} while the EMA weights are {held}; call restore() (or "
+                            "leave the swapped() block) first.")
+
+    def swap_in(self, values: Sequence[Any]) -> None:
+        """Put ``values`` (the averages, tracked order) into the source."""
+        self.refuse("apply_shadow() called", stored_too=True)
+        t = self.tracked
+        self.record = swap_in(t.backend, t.fetch(), values, t.shadows, t.repointable())
+
+    def back_up(self, parameters: Any = None) -> None:
+        """Keep a copy of the source's weights (``parameters``: torch-ema's argument, checked to
+        be tracked tensors)."""
+        self.refuse("store() called", stored_too=True)
+        self.tracked.check_given(parameters, "store")
+        self.record = back_up(self.tracked.backend, self.tracked.fetch())
+
+    def restore(self, parameters: Any = None) -> None:
+        """Put back what :meth:`swap_in` or :meth:`back_up` replaced."""
+        self.tracked.check_given(parameters, "restore")
+        if self.record is None:
+            raise SwapError("restore() called with nothing to restore: call apply_shadow() or "
+                            "store() first (or use the swapped() context manager).")
+        record, self.record = self.record, None
+        undo(self.tracked.backend, record)

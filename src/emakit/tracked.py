@@ -193,6 +193,20 @@ class Tracked:
                     out[name] = shards.as_dtensor(out[name], self.specs[name])
         return out
 
+    def check_given(self, parameters: Any, verb: str) -> None:
+        """Accept torch-ema's ``store(model.parameters())``: every tensor given must be a
+        tracked source tensor (the whole tracked set is stored either way)."""
+        if parameters is None:
+            return
+        mine = {id(x) for x in self.source.fetch(self.names)}
+        given = list(parameters)
+        if not all(id(x) in mine for x in given):
+            raise ValueError(
+                f"{verb}(parameters): {sum(id(x) not in mine for x in given)} of the "
+                f"{len(given)} tensors given are not tensors this EMA tracks. Call {verb}() "
+                "without arguments (it covers every tracked tensor), or use "
+                "emakit.compat.torch_ema.ExponentialMovingAverage for torch-ema's semantics.")
+
     def repointable(self) -> list[bool]:
         """Per tracked tensor: may a swap re-point it at its shadow? Not a shard, whose local
         tensor is a view into memory FSDP owns: that is copied into."""
