@@ -168,7 +168,7 @@ def test_mismatched_model_is_refused_whole(tmp_path: Path) -> None:
 def test_unknown_file_names_the_layouts(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match=r"x.pt.*holds no EMA layout.*'epoch'.*Known layouts: "
-                                         r"emakit, timm"):
+                                         r"emakit, emakit-lightning, timm"):
         read_checkpoint(tmp_path / "x.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x80\x02not a checkpoint at all")
     with pytest.raises(ValueError, match=r"junk.pt.*not a readable torch checkpoint"):
@@ -303,3 +303,36 @@ def test_a_new_layout_is_one_module_in_the_registry(tmp_path: Path, monkeypatch)
     found = read_checkpoint(path)
     assert (found.layout, found.where, found.step) == ("mylib", "['my_average']", 7)
     assert {m.NAME for m in layouts.FOREIGN[:-1]} == set(layouts.LAYOUTS) - {"emakit", "plain"}
+
+
+def test_emakits_state_inside_a_lightning_checkpoint_and_a_checkpoint_folder(tmp_path: Path) -> None:
+    """The Lightning callback's entry is read with every counter; a folder means its
+    ema.safetensors (Hugging Face's checkpoint-N/ with emakit's callback)."""
+    model = peers.net()
+    ema = emakit.EMA(model, decay=emakit.schedules.TFWarmup(0.99), every=2)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        ema.update()
+    ckpt = {"state_dict": ema.model_state_dict(), "current_model_state": model.state_dict(),
+            "global_step": 4, "callbacks": {"emakit.EMA": {
+                "emakit": "lightning-callback/1", "ema": ema.state_dict(), "eval_on": "ema"}}}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    found = read_checkpoint(tmp_path / "last.ckpt")
+    assert (found.layout, found.step, found.num_updates) == ("emakit", 4, 2)  # emakit's state
+    assert found.where == "['callbacks']['emakit.EMA']['ema']"
+    again = emakit.EMA.from_checkpoint(peers.net(), tmp_path / "last.ckpt")
+    assert again.schedule == ema.schedule and again.every == 2
+    for name, value in ema.state_dict()["shadows"].items():
+        assert torch.equal(again.state_dict()["shadows"][name], value), name
+    ckpt["callbacks"]["emakit.EMA[slow]"] = ckpt["callbacks"]["emakit.EMA"]
+    torch.save(ckpt, tmp_path / "two.ckpt")
+    with pytest.raises(emakit.StateDictError, match=r"2 emakit EMA states"):
+        read_checkpoint(tmp_path / "two.ckpt")
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    emakit.save(ema, folder / "ema.safetensors")
+    assert read_checkpoint(folder).step == 4
+    with pytest.raises(FileNotFoundError, match=r"a folder without an ema.safetensors"):
+        read_checkpoint(tmp_path)

@@ -40,8 +40,8 @@ def describe(path: Path, names: Any = None, *, verify: bool = True) -> dict[str,
     weights = found.weights
     infos = [backend_for(t).info(t) for t in weights.values()]  # type: ignore[union-attr]
     info: dict[str, Any] = {
-        "file": str(path),
-        "file_bytes": path.stat().st_size,
+        "file": found.path,
+        "file_bytes": Path(found.path).stat().st_size,
         "layout": found.layout,
         "where": found.where,
         "step": found.step,

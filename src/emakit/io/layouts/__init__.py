@@ -57,6 +57,7 @@ from emakit.io.layouts import (
     diffusers,
     ema_pytorch,
     lightning,
+    lightning_callback,
     own,
     timm,
     torch_ema,
@@ -67,7 +68,8 @@ from emakit.io.limits import check_weights, check_zip
 
 __all__ = ["FOREIGN", "LAYOUTS", "EMACheckpoint", "read_checkpoint"]
 
-FOREIGN = (timm, lightning, diffusers, torch_ema, ema_pytorch, ultralytics, averaged_model)
+FOREIGN = (lightning_callback, timm, lightning, diffusers, torch_ema, ema_pytorch, ultralytics,
+           averaged_model)
 """Other libraries' layouts, tried in this order (each a module with ``NAME`` and ``detect``)."""
 LAYOUTS = (own.NAME, *(m.NAME for m in FOREIGN), "plain")
 """Every layout :func:`read_checkpoint` knows, by name."""
@@ -123,7 +125,9 @@ def read_checkpoint(path: str | os.PathLike[str], *, names: Any = None,
     bytes (:mod:`emakit.io.limits`).
 
     Args:
-        path: a checkpoint file (``.safetensors``, ``.npz`` or a torch file of any suffix).
+        path: a checkpoint file (``.safetensors``, ``.npz`` or a torch file of any suffix), or
+            a checkpoint folder holding an ``ema.safetensors`` (Hugging Face's
+            ``checkpoint-N/`` with emakit's callback).
         names: for layouts that store a bare list of tensors (diffusers, torch-ema): the
             parameter names in order, or the model (its ``named_parameters()`` order, which
             is the order ``model.parameters()`` gave those libraries).
@@ -141,6 +145,13 @@ def read_checkpoint(path: str | os.PathLike[str], *, names: Any = None,
             :class:`~emakit.StateDictError` naming the file and the key.
     """
     src = Path(path)
+    if src.is_dir():  # a trainer's checkpoint folder (Hugging Face's checkpoint-N/)
+        inside = src / "ema.safetensors"
+        if not inside.is_file():
+            raise FileNotFoundError(f"{str(src)!r} is a folder without an ema.safetensors (the "
+                                    "file emakit's trainer callbacks write into a checkpoint "
+                                    "folder); give the checkpoint file itself.")
+        src = inside
     if not src.is_file():
         raise FileNotFoundError(f"no such checkpoint: {str(src)!r}")
     obj, meta = _open(src, framework)
