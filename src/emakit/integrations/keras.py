@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, cast
 
-import keras  # type: ignore[import-untyped]
+import keras
 import numpy as np
 
 from emakit.best import KeepBest
