@@ -1,4 +1,4 @@
-"""The ``emakit`` command line: ``emakit demo | smooth | plan | inspect | export | bench``.
+"""The ``emakit`` command line: ``emakit demo|smooth|plan|inspect|export|bench|posthoc``.
 
 Each command lives in its own module with ``add_parser(subparsers)`` and ``run(args) -> int``.
 Errors a user can fix (bad options, missing or malformed files, numbers beyond float64, input
@@ -43,14 +43,14 @@ def plain_text(doc: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from emakit.cli import bench, demo, export, inspection, plan, smooth
+    from emakit.cli import bench, demo, export, inspection, plan, posthoc, smooth
 
     parser = argparse.ArgumentParser(
         prog="emakit", description="Exponential moving averages of model weights.")
     parser.add_argument("--version", action="version", version=f"emakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (demo, smooth, plan, inspection, export, bench):
+    for module in (demo, smooth, plan, inspection, export, bench, posthoc):
         before = set(sub.choices)
         module.add_parser(sub)
         for name in set(sub.choices) - before:  # the module's docstring, as plain text

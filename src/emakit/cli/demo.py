@@ -17,6 +17,10 @@ then in the table.
 Writes ``OUT/best_ema.safetensors`` (a plain state dict), ``OUT/checkpoint.pt`` (model, optimizer,
 EMA and KeepBest state, for resuming), ``OUT/ema.safetensors`` (the EMA alone, ``emakit.save``;
 try ``emakit inspect`` on it), ``OUT/report.json`` and ``OUT/curves.png``.
+
+``--posthoc`` runs the post-hoc EMA demo instead (:mod:`emakit.cli.demo_posthoc`): the same data
+and training, with power-EMA snapshots recorded; then a sweep of sigma_rel against the best of
+several fixed decays.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from typing import Any
 
 import numpy as np
 
+from emakit.cli.demo_setup import LABEL_NOISE, build_model, evaluate_model, load_data, prepare_data
 from emakit.cli.errors import CLIError
 
 __all__ = ["add_parser", "load_data", "run"]
 
-LABEL_NOISE = 0.2
+_model = build_model  # the name the CLI tests use
 
 
 def add_parser(sub: Any) -> None:
@@ -56,86 +61,11 @@ def add_parser(sub: Any) -> None:
                    help="torch intra-op threads while the demo runs (default 1: the small CNN "
                         "gains nothing from more, and shared cores slow it down many times)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--posthoc", action="store_true",
+                   help="post-hoc EMA instead: record power-EMA snapshots, then sweep sigma_rel "
+                        "and compare the synthesised best with the best of several fixed "
+                        "decays (writes OUT/snapshots/, OUT/posthoc-*)")
     p.set_defaults(run=run)
-
-
-# ----------------------------------------------------------------------------------- data
-def load_data(path: Path | None) -> tuple[np.ndarray, np.ndarray, str]:
-    """Features (float32, samples first) and labels 0..K-1, from ``path`` or sklearn's digits."""
-    if path is None:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x = (digits.data / 16.0).reshape(-1, 1, 8, 8).astype(np.float32)
-        return x, digits.target.astype(np.int64), "scikit-learn digits (1797 8x8 images)"
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {str(path)!r}: no such file.")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            files = set(z.files)
-            missing = {"X", "y"} - files
-            if missing:
-                raise CLIError(f"--data {str(path)!r} lacks the array(s) {sorted(missing)}; it has "
-                               f"{sorted(files)}. Save it with np.savez(path, X=features, "
-                               "y=labels).")
-            x, y = z["X"], z["y"]
-    except (OSError, ValueError) as exc:
-        raise CLIError(f"--data {str(path)!r} is not a readable .npz file ({exc}).") from exc
-    if x.dtype.kind not in "biuf" or x.ndim not in (2, 3, 4):
-        raise CLIError(f"--data: X must be numbers shaped (N, features), (N, H, W) or "
-                       f"(N, C, H, W); got dtype {x.dtype} shape {x.shape}.")
-    if y.ndim != 1 or len(y) != len(x):
-        raise CLIError(f"--data: y must be 1-D with one label per row of X ({len(x)}), got "
-                       f"shape {y.shape}.")
-    if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
-        raise CLIError("--data: y must hold integer class labels, got non-integer values.")
-    if y.dtype.kind not in "biuf":
-        raise CLIError(f"--data: y must hold integer class labels, got dtype {y.dtype}.")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise CLIError("--data: X holds NaN or infinite values; clean them first.")
-    classes, labels = np.unique(y, return_inverse=True)
-    if len(classes) < 2 or len(x) < 20:
-        raise CLIError(f"--data: need at least 20 samples and 2 classes, got {len(x)} samples "
-                       f"and {len(classes)} class(es).")
-    if x.ndim == 3:
-        x = x[:, None]
-    scale = np.abs(x).max()
-    if scale > 0:
-        x = x / scale
-    return x, labels.astype(np.int64), f"{path.name} ({len(x)} samples, {len(classes)} classes)"
-
-
-def _split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    order = rng.permutation(n)
-    a, b = int(0.6 * n), int(0.8 * n)
-    return order[:a], order[a:b], order[b:]
-
-
-# ---------------------------------------------------------------------------------- model
-def _model(x_shape: tuple[int, ...], classes: int) -> Any:
-    from torch import nn
-
-    if len(x_shape) == 2:
-        return nn.Sequential(nn.Linear(x_shape[1], 128), nn.BatchNorm1d(128), nn.ReLU(),
-                             nn.Linear(128, classes))
-    channels = x_shape[1]
-    return nn.Sequential(
-        nn.Conv2d(channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-        nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, classes))
-
-
-def _evaluate(model: Any, x: Any, y: Any) -> tuple[float, float]:
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits, y).item()
-        acc = (logits.argmax(1) == y).float().mean().item()
-    model.train()
-    return acc, loss
 
 
 # ------------------------------------------------------------------------------------ run
@@ -150,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--decay must be in [0, 1], got {args.decay}.")
     if args.half_life is not None and not (math.isfinite(args.half_life) and args.half_life > 0):
         raise CLIError(f"--half-life must be a number of steps > 0, got {args.half_life}.")
+    if args.posthoc and (args.decay is not None or args.half_life is not None):
+        raise CLIError("--posthoc compares the synthesised average with a range of fixed "
+                       "half-lives itself; drop --decay / --half-life.")
     try:
         import torch
         from tqdm.auto import tqdm
@@ -161,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     try:
+        if args.posthoc:
+            from emakit.cli.demo_posthoc import train_posthoc
+
+            return train_posthoc(args, torch, tqdm)
         return _train(args, torch, tqdm)
     finally:
         torch.set_num_threads(threads)
@@ -172,22 +109,14 @@ def _train(args: argparse.Namespace, torch: Any, tqdm: Any) -> int:
     from emakit.io import atomic_path
 
     started = time.perf_counter()
-    x_all, y_all, source = load_data(args.data)
+    data = prepare_data(args, torch)
+    x_all, source, classes = data.x_all, data.source, data.classes
+    tr, va, te = data.train, data.val, data.test
+    x_train, y_train_t, x_val, y_val, x_test, y_test = data.tensors
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    tr, va, te = _split(len(x_all), rng)
-    classes = int(y_all.max()) + 1
-    y_train = y_all[tr].copy()
-    flip = rng.random(len(tr)) < LABEL_NOISE
-    y_train[flip] = rng.integers(0, classes, int(flip.sum()))
-    x_train, y_train_t = torch.from_numpy(x_all[tr]), torch.from_numpy(y_train)
-    x_val, y_val = torch.from_numpy(x_all[va]), torch.from_numpy(y_all[va])
-    x_test, y_test = torch.from_numpy(x_all[te]), torch.from_numpy(y_all[te])
-
-    model = _model(x_all.shape, classes)
+    model = build_model(x_all.shape, classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     # TensorFlow-style warmup: min(decay, (1 + t) / (10 + t)), so the average follows the fast
     # early progress instead of holding on to the random initial weights.
@@ -217,12 +146,12 @@ def _train(args: argparse.Namespace, torch: Any, tqdm: Any) -> int:
             losses.append(loss.detach())
             bar.update(1)
         t1 = time.perf_counter()
-        raw_acc, raw_loss = _evaluate(model, x_val, y_val)
+        raw_acc, raw_loss = evaluate_model(model, x_val, y_val)
         ema_loss = 0.0
 
         def evaluate_ema() -> float:
             nonlocal ema_loss
-            acc, ema_loss = _evaluate(model, x_val, y_val)
+            acc, ema_loss = evaluate_model(model, x_val, y_val)
             return acc
 
         ema_acc = keep.evaluate(evaluate_ema)
@@ -245,10 +174,10 @@ def _train(args: argparse.Namespace, torch: Any, tqdm: Any) -> int:
     # loaded into a fresh plain model with load_state_dict (what a user would deploy).
     from safetensors.torch import load_file
 
-    test_raw, _ = _evaluate(model, x_test, y_test)
-    deployed = _model(x_all.shape, classes)
+    test_raw, _ = evaluate_model(model, x_test, y_test)
+    deployed = build_model(x_all.shape, classes)
     deployed.load_state_dict(load_file(out / "best_ema.safetensors"))
-    test_best, _ = _evaluate(deployed, x_test, y_test)
+    test_best, _ = evaluate_model(deployed, x_test, y_test)
     best_row = max(history, key=lambda r: r["ema_acc"])
     summary = {"best_raw_val_acc": max(r["raw_acc"] for r in history),
                "best_ema_val_acc": max(r["ema_acc"] for r in history),
