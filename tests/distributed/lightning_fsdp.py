@@ -1,13 +1,19 @@
-"""Lightning's ModelParallelStrategy with ``fully_shard`` on 2 CPU processes, an emakit EMA created
-in ``configure_model`` after sharding and attached in ``on_fit_start``; validation on the EMA.
+"""Lightning's ModelParallelStrategy with ``fully_shard`` on 2 CPU processes and an emakit EMA.
 
-Run as a script (Lightning starts the second process by running it again); prints one JSON line
-per rank: the EMA's step, whether its shadows are DTensors, and the validation loss of the EMA
-weights next to that of the training weights.
+Run as a script (Lightning starts the second process by running it again):
+
+    python lightning_fsdp.py MODE OUT ROOT
+
+``MODE``: ``manual`` (the EMA made in ``configure_model`` after sharding, attached in
+``on_fit_start``, validation under ``swapped()``), or the ``emakit.integrations.lightning.EMA``
+callback: ``callback`` (2 epochs), ``callback-first`` (1 epoch, checkpointed in ``ROOT``) and
+``callback-resume`` (from that checkpoint to 2 epochs). Each rank writes one JSON line to
+``OUT.RANK``: the EMA's step and updates, whether its shadows are DTensors, the validation losses.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -19,12 +25,15 @@ from torch import nn
 warnings.filterwarnings("ignore")
 
 
-def main(out: str) -> None:
+def main(mode: str, out: str, root: str) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.fsdp import fully_shard
 
     import emakit
+    from emakit.integrations import lightning as ema_lightning
+
+    manual = mode == "manual"
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -35,45 +44,55 @@ def main(out: str) -> None:
             self.losses: dict[str, float] = {}
 
         def configure_model(self) -> None:
+            mesh = self.device_mesh["data_parallel"]
             for layer in (self.net[0], self.net[2]):
-                fully_shard(layer, mesh=self.device_mesh["data_parallel"])
-            fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
-            self.ema = emakit.EMA(self.net, decay=0.8)  # after sharding: local shadows
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+            if manual:
+                self.ema = emakit.EMA(self.net, decay=0.8)  # after sharding: local shadows
 
         def on_fit_start(self) -> None:
-            assert self.ema is not None
-            self.ema.attach(self.trainer.optimizers[0])
+            if self.ema is not None:
+                self.ema.attach(self.trainer.optimizers[0])
 
         def training_step(self, batch: torch.Tensor, _: int) -> torch.Tensor:
             return self.net(batch).square().mean()
 
         def validation_step(self, batch: torch.Tensor, _: int) -> None:
-            assert self.ema is not None
-            raw = self.net(batch).square().mean().item()
+            loss = self.net(batch).square().mean().item()
+            if self.ema is None:  # the callback swapped the EMA in already
+                self.losses = {"ema": loss}
+                return
             with self.ema.swapped():
-                ema = self.net(batch).square().mean().item()
-            self.losses = {"raw": raw, "ema": ema}
+                self.losses = {"raw": loss, "ema": self.net(batch).square().mean().item()}
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     data = torch.utils.data.DataLoader(torch.randn(32, 5, generator=torch.Generator()
                                                    .manual_seed(1)), batch_size=8)
-    module = Module()
+    callback = None if manual else ema_lightning.EMA(decay=0.8)
+    epochs = 1 if mode in ("manual", "callback-first") else 2
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(),
-                         max_epochs=1, limit_val_batches=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    trainer.fit(module, data, data)
-    assert module.ema is not None
-    shadow = module.ema.state_dict()["shadows"]["0.weight"]
-    row = {"rank": trainer.global_rank, "step": module.ema.step,
-           "num_updates": module.ema.num_updates, "sharded": type(shadow).__name__ == "DTensor",
-           "global_step": trainer.global_step, **module.losses}
+                         max_epochs=epochs, limit_val_batches=1, logger=False,
+                         enable_checkpointing=mode == "callback-first", default_root_dir=root,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[] if callback is None else [callback])
+    module = Module()
+    ckpt = None
+    if mode == "callback-resume":
+        (ckpt,) = glob.glob(os.path.join(root, "checkpoints", "*.ckpt"))
+    trainer.fit(module, data, data, ckpt_path=ckpt)
+    ema = module.ema if callback is None else callback.ema
+    assert ema is not None
+    shadow = next(iter(ema.state_dict()["shadows"].values()))
+    row = {"rank": trainer.global_rank, "step": ema.step, "num_updates": ema.num_updates,
+           "sharded": type(shadow).__name__ == "DTensor", "global_step": trainer.global_step,
+           **module.losses}
     with open(f"{out}.{trainer.global_rank}", "w") as f:
         f.write(json.dumps(row))
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1])
+    main(*sys.argv[1:4])

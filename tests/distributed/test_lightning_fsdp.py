@@ -1,5 +1,6 @@
-"""Lightning's ModelParallelStrategy (fully_shard) on 2 CPU processes with an emakit EMA made in
-``configure_model`` and attached in ``on_fit_start`` (the script: ``lightning_fsdp.py``)."""
+"""Lightning's ModelParallelStrategy (fully_shard) on 2 CPU processes with an emakit EMA: made by
+hand in ``configure_model``, or by the ``emakit.integrations.lightning.EMA`` callback with a
+distributed checkpoint and a resume (the script: ``lightning_fsdp.py``)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,35 @@ pytest.importorskip("torch.distributed.fsdp")
 
 pytestmark = pytest.mark.slow
 
+SCRIPT = Path(__file__).with_name("lightning_fsdp.py")
+
+
+def run(mode: str, tmp: Path, root: Path) -> list[dict]:
+    out = tmp / mode
+    done = subprocess.run([sys.executable, str(SCRIPT), mode, str(out), str(root)],
+                          capture_output=True, text=True, cwd=tmp, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+
 
 def test_model_parallel_strategy_trains_and_validates_on_the_ema(tmp_path: Path) -> None:
-    script = Path(__file__).with_name("lightning_fsdp.py")
-    out = tmp_path / "rank"
-    done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    rows = run("manual", tmp_path, tmp_path / "root")
     for row in rows:
         # one update per optimizer step, local shards with the parameters' layout
         assert row["step"] == row["num_updates"] == row["global_step"] == 4, row
         assert row["sharded"], row
         assert row["ema"] != row["raw"], row  # the validation under swapped() saw the average
     assert rows[0]["ema"] == rows[1]["ema"]  # every rank computed with the same EMA weights
+
+
+def test_the_callback_checkpoints_and_resumes_a_sharded_ema(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    whole = run("callback", tmp_path, tmp_path / "unused")
+    first = run("callback-first", tmp_path, root)
+    assert list((root / "checkpoints").glob("*.ckpt")), "no distributed checkpoint written"
+    resumed = run("callback-resume", tmp_path, root)
+    for a, b, c in zip(whole, first, resumed):
+        assert a["sharded"] and b["sharded"] and c["sharded"]
+        assert (b["step"], b["num_updates"]) == (4, 4)
+        assert (c["step"], c["num_updates"]) == (a["step"], a["num_updates"]) == (8, 8)
+        assert c["ema"] == a["ema"], (a, c)  # the resumed EMA validates exactly as the whole run
