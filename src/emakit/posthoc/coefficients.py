@@ -10,9 +10,9 @@ the error a slightly-off solve leaves does not scale the weights.
 
 How well the snapshots can represent the target is known before any weight is read: the
 relative L2 distance between the synthesised profile and the target profile,
-``||sum_i c_i p_i - p|| / ||p||`` (computed from the same inner products). It is about 0.8
+``||sum_i c_i p_i - p|| / ||p||`` (computed from the same inner products). It is 0.8-0.9
 times the relative change of ``sigma_rel`` that moves a profile as far (a profile error of
-0.02 is the distance between ``sigma_rel`` 0.100 and 0.1025), and :func:`coefficients`
+0.02 is the distance between ``sigma_rel`` 0.100 and 0.1022), and :func:`coefficients`
 refuses a target whose profile error is above ``max_profile_error`` (default
 :data:`MAX_PROFILE_ERROR`): that is a request the snapshots do not support (too narrow for
 their spacing, too wide for their widths, or a step they do not cover).
