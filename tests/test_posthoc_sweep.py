@@ -9,7 +9,7 @@ import pytest
 
 from emakit.io import read_weights
 from emakit.posthoc import Snapshots, open_record, sweep, synthesize
-from emakit.posthoc.sweep import default_sigma_rels
+from emakit.posthoc.metric_sweep import default_sigma_rels
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -226,7 +226,7 @@ def _print(report: dict[str, Any], table: str, out: Path) -> None:
 def _plot(rows: list[dict[str, Any]], fixed: list[dict[str, Any]], summary: dict[str, Any],
           path: Path, *, title: str) -> None:
     from emakit.cli.figures import pyplot, save_png
-    from emakit.posthoc.sweep import sigma_rel_axis
+    from emakit.posthoc.metric_sweep import sigma_rel_axis
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.4))

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _info(record: Any, args: argparse.Namespace, limit: float) -> int:
     from emakit.posthoc import supported_ranges
-    from emakit.posthoc.coefficients import describe_ranges
+    from emakit.posthoc.least_squares import describe_ranges
 
     steps = record.steps
     step = steps[-1] if args.step is None else args.step

@@ -23,7 +23,7 @@ Example:
     (['w'], (2,))
 """
 
-from emakit.posthoc.coefficients import (
+from emakit.posthoc.least_squares import (
     MAX_PROFILE_ERROR,
     Solution,
     coefficients,
@@ -32,8 +32,8 @@ from emakit.posthoc.coefficients import (
     supported_ranges,
 )
 from emakit.posthoc.manifest import Entry, Manifest, read_manifest
+from emakit.posthoc.metric_sweep import SweepResult, sweep
 from emakit.posthoc.snapshots import Snapshots
-from emakit.posthoc.sweep import SweepResult, sweep
 from emakit.posthoc.synthesis import Record, open_record, synthesize
 
 __all__ = [

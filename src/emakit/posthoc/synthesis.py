@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from emakit.errors import StateDictError
-from emakit.posthoc.coefficients import MAX_PROFILE_ERROR, Solution, checked
+from emakit.posthoc.least_squares import MAX_PROFILE_ERROR, Solution, checked
 from emakit.posthoc.manifest import Entry, Manifest, read_manifest
 from emakit.posthoc.profiles import gammas_of
 
@@ -276,7 +276,8 @@ class _Reader:
         import safetensors
 
         with safetensors.safe_open(str(self.paths[i]), framework="np") as f:
-            x = f.get_tensor(self.name) if rows is None else f.get_slice(self.name)[rows]
+            x: np.ndarray = (f.get_tensor(self.name) if rows is None
+                             else f.get_slice(self.name)[rows])
         if not x.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
             x = x.copy(order="C")
         self.crcs[i] = zlib.crc32(x.reshape(-1).view(np.uint8).data, self.crcs[i])

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from emakit.posthoc.coefficients import MAX_PROFILE_ERROR, supported_ranges
+from emakit.posthoc.least_squares import MAX_PROFILE_ERROR, supported_ranges
 from emakit.posthoc.synthesis import Record, open_record, select, synthesize
 
 __all__ = ["SweepResult", "default_sigma_rels", "plot_sweep", "sigma_rel_axis", "sweep"]

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emakit import schedules
-from emakit.posthoc import coefficients, solve, solve_gammas, supported_ranges
+from emakit.posthoc import coefficients, least_squares, solve, solve_gammas, supported_ranges
 from emakit.posthoc.profiles import density, gammas_of, inner_products, step_weights
 from emakit.window import step_weights as engine_step_weights
 
@@ -167,6 +167,14 @@ def test_out_step_after_the_last_snapshot_is_refused():
 def test_malformed_requests_are_clear_errors(args, message):
     with pytest.raises(ValueError, match=message):
         coefficients(*args)
+
+
+def test_the_number_of_inputs_is_bounded(monkeypatch):
+    """An edited manifest with very many snapshots costs no more than MAX_INPUTS of them."""
+    assert least_squares.MAX_INPUTS == 2048
+    monkeypatch.setattr(least_squares, "MAX_INPUTS", 39)
+    with pytest.raises(ValueError, match=r"40 snapshots are more than one solve takes \(39"):
+        coefficients(EVERY_1000, SIGMAS, 20000, [0.07])
 
 
 @pytest.mark.parametrize("limit", [0, -1.0, float("nan"), True, "0.02"])

@@ -1,4 +1,4 @@
-"""The post-hoc EMA solve: which mix of snapshots makes the average of another width.
+"""The post-hoc EMA solve, by least squares: which mix of snapshots makes another width.
 
 Given snapshots of power EMAs (end steps ``t_i``, widths ``sigma_rel_i``), the profile of a
 target average (``out_step``, ``sigma_rel``) is approximated in least squares by
@@ -46,11 +46,13 @@ import numpy.typing as npt
 from emakit.conversions import SIGMA_REL_MAX, gamma_to_sigma_rel
 from emakit.posthoc.profiles import gammas_of, inner_products
 
-__all__ = ["MAX_PROFILE_ERROR", "Solution", "checked", "coefficients", "describe_ranges", "solve",
-           "solve_gammas", "supported_ranges"]
+__all__ = ["MAX_INPUTS", "MAX_PROFILE_ERROR", "Solution", "checked", "coefficients",
+           "describe_ranges", "solve", "solve_gammas", "supported_ranges"]
 
 MAX_PROFILE_ERROR = 0.02
 """The default limit on the relative L2 error of a synthesised profile (see the module doc)."""
+MAX_INPUTS = 2048
+"""The most snapshots one solve takes (its matrix: 32 MiB, about a second on one core)."""
 
 
 class Solution(NamedTuple):
@@ -90,6 +92,11 @@ def _check_inputs(in_steps: np.ndarray, in_gammas: np.ndarray) -> None:
     if len(in_steps) == 0 or len(in_steps) != len(in_gammas):
         raise ValueError(f"the inputs need one step per sigma_rel (gamma), at least one; got "
                          f"{len(in_steps)} steps and {len(in_gammas)} widths.")
+    if len(in_steps) > MAX_INPUTS:
+        raise ValueError(
+            f"{len(in_steps)} snapshots are more than one solve takes ({MAX_INPUTS}: its cost "
+            "grows with the cube of their number, and snapshots that close add nothing). Record "
+            "with a larger snapshot_every, or synthesise at an earlier step.")
     seen: dict[tuple[float, float], int] = {}
     for i, key in enumerate(zip(in_steps.tolist(), in_gammas.tolist())):
         if key in seen:
