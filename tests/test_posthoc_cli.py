@@ -114,6 +114,10 @@ def test_sweep_with_a_users_evaluate_file(capsys, folder, tmp_path):
      "do not support sigma_rel 0.01"),
     (["synthesize", "{folder}", "--sigma-rel", "0.07", "--out", "{tmp}/x.bin"],
      "cannot tell the file format"),
+    (["synthesize", "{tmp}/none", "--sigma-rel", "0.07", "--out", "{tmp}/x.bin"],
+     "cannot tell the file format"),  # checked before the folder is read
+    (["synthesize", "{folder}", "--sigma-rel", "0.07", "--out", "{tmp}/no/x.pt"],
+     "its folder does not exist"),
     (["synthesize", "{folder}", "--sigma-rel", "0.07", "--out", "{tmp}"], "is a folder"),
     (["synthesize", "{folder}", "--sigma-rel", "0.07", "--step", "260", "--out",
       "{tmp}/x.pt"], "not a snapshot step"),

@@ -141,14 +141,27 @@ def run(args: argparse.Namespace) -> int:
     from emakit.posthoc import open_record
 
     limit = _limit(args)
-    if args.action == "synthesize" and args.out.exists() and args.out.is_dir():
-        raise CLIError(f"--out {str(args.out)!r} is a folder; give a file name.")
+    if args.action == "synthesize":
+        _check_out(args.out)
     record = open_record(args.dir, verify=not args.no_verify)
     if args.action == "info":
         return _info(record, args, limit)
     if args.action == "synthesize":
         return _synthesize(record, args, limit)
     return _sweep(record, args, limit)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output the write would refuse, before the snapshots are read."""
+    from emakit.io.weights import SUFFIXES
+
+    if out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a folder; give a file name.")
+    if out.suffix.lower() not in SUFFIXES:
+        raise CLIError(f"--out {str(out)!r}: cannot tell the file format from its suffix; use "
+                       f"one of {', '.join(SUFFIXES)}.")
+    if not out.parent.is_dir():
+        raise CLIError(f"--out {str(out)!r}: its folder does not exist.")
 
 
 def _info(record: Any, args: argparse.Namespace, limit: float) -> int:
