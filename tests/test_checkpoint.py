@@ -396,3 +396,13 @@ def test_save_holds_the_lock_until_the_file_is_written(tmp_path: Path,
     emakit.save(ema, tmp_path / "e.safetensors")
     assert others == [False]
     emakit.load(_ema(_bn_model()), tmp_path / "e.safetensors")
+
+
+def test_a_0_d_array_round_trips_as_0_d(tmp_path: Path) -> None:
+    """np.ascontiguousarray makes a 0-d array 1-d; the file keeps the shape ()."""
+    w = {"scale": np.array(2.0), "w": np.ones(3)}
+    ema = emakit.EMA(w, decay=0.5)
+    emakit.save(ema, tmp_path / "s.safetensors")
+    again = emakit.EMA({"scale": np.array(0.0), "w": np.zeros(3)}, decay=0.5)
+    emakit.load(again, tmp_path / "s.safetensors")
+    assert again.averaged()["scale"].shape == () and again.averaged()["scale"] == 2.0

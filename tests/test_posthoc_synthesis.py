@@ -187,9 +187,6 @@ def test_a_0_d_torch_tensor_stays_0_d(tmp_path):
                                                            rel=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="emakit.save writes a 0-d numpy array with shape (1,): "
-                   "io/safetensors_stream.raw_bytes uses np.ascontiguousarray, which makes 0-d "
-                   "arrays 1-d (reported; emakit.load of such a file fails the same way)")
 def test_a_0_d_numpy_array_stays_0_d(tmp_path):
     _scalar_run(tmp_path, np.zeros((), np.float32))
     assert synthesize(tmp_path, 0.07)["s"].shape == ()

@@ -93,7 +93,7 @@ def raw_bytes(x: Any, name: str) -> Raw:
     if code is None or x.dtype.kind not in "biuf":
         raise ValueError(f"{name!r}: numpy dtype {x.dtype} cannot be written as safetensors; "
                          f"use one of {', '.join(k for k in CODES if hasattr(np, k))}.")
-    a = np.ascontiguousarray(x)
+    a = np.ascontiguousarray(x).reshape(x.shape)  # a 0-d array stays 0-d
     data: Any
     if a.dtype.byteorder not in ("=", "|"):  # explicit byte order: store little-endian
         a = a.astype(a.dtype.newbyteorder("<"))
