@@ -66,7 +66,7 @@ def _start_step(step: object) -> int:
 class Start(NamedTuple):
     """Where an average starts: the optimizer step of the current weights, and its value.
 
-    Args:
+    Attributes:
         step: the optimizer step the current weights belong to (for an EMA started mid-run;
             the first update then applies only the decay of the steps after it).
         zeros: start the average at zero instead of the current weights; every read is then
