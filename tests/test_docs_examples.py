@@ -219,7 +219,7 @@ def run_page(page: Path) -> None:
             source, got = printed
             assert same_output(block.code, got), (
                 f"{source.where()} prints what {block.where()} does not show:\n--- shown ---\n"
-                f"{block.code}--- printed ---\n{got}")
+                f"{block.code}--- printed ---\n{got!r}")
         printed = None
         if not runs(block):
             continue
