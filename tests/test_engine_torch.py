@@ -170,18 +170,33 @@ def test_torch_and_numpy_backends_agree_in_float64():
 
 
 def test_update_neither_syncs_nor_records_autograd(monkeypatch):
+    """The plain update never reads a tensor value back; the guard reads one list per update
+    (its peaks check, which the policy asks for) and nothing else."""
     model, opt = make()
     for guard in (False, True):
         ema = emakit.EMA(model, policy=emakit.Policy(nonfinite="skip" if guard else "average"))
         train_steps(model, opt, 1)
+        reads: list[str] = []
 
         def no_sync(*a, **k):
             raise AssertionError("host/device sync in update()")
 
+        def one_read(name, reads=reads):
+            real = getattr(torch.Tensor, name)
+
+            def read(self, *a, **k):
+                reads.append(name)
+                return real(self, *a, **k)
+            return read
+
         for name in ("item", "tolist", "__bool__", "numpy"):
-            monkeypatch.setattr(torch.Tensor, name, no_sync)
-        ema.update()
+            monkeypatch.setattr(torch.Tensor, name, one_read(name)
+                                if guard and name in ("item", "tolist") else no_sync)
+        for _ in range(3):
+            ema.update()
         monkeypatch.undo()
+        # the guard: one read per update, and one more at the first to bound the shadows
+        assert len(reads) == (4 if guard else 0), reads
         for s in ema.averaged().values():
             assert not s.requires_grad and s.grad_fn is None
 

@@ -6,7 +6,8 @@ Two strategies, chosen by ``Policy(nonfinite=...)``:
   ``shadow <- lerp(shadow, w, 1 - D)``; copied tensors are copied.
 - :class:`Guarded` (``nonfinite="skip"``): a tensor whose update would not be all finite (NaN or
   Inf in the weights, or a finite weight that overflows the shadow's dtype or the lerp) keeps its
-  shadow for that update, and the skip is counted -- without a host/device synchronisation.
+  shadow for that update, and the skip is counted. The check reads one number per group back to
+  the host, so updates without such values run the plain grouped kernels.
 
 A zero-started average (``init="zeros"``) is divided on reading by ``1 - P``, where ``P`` is the
 product of the decays of the updates that went into it (``docs/math.md`` (5)). Under the guard a
@@ -29,6 +30,8 @@ Example:
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from emakit.backends import Plan
 from emakit.clock import DecayClock, Tick
@@ -123,31 +126,71 @@ Plain = Folding
 
 
 class Guarded(Folding):
-    """Skip, per tensor and update, what would make the shadow non-finite; count the skips."""
+    """Skip, per tensor and update, what would make the shadow non-finite; count the skips.
+
+    An update first reads back the largest magnitude among the averaged weights and among the
+    copied ones (:meth:`~emakit.backends.Plan.peaks`: one reduction per run, one read). When
+    every value is finite and, like every shadow, at most the shadows' ``headroom`` (half their
+    dtype's largest value), no result can be non-finite, and the plain grouped kernels run.
+    Otherwise the update goes tensor by tensor (:meth:`~emakit.backends.Backend.guarded_update_`).
+    A bound on the shadows' magnitude is kept from the peaks folded in (a lerp's result lies
+    between its inputs up to rounding), read from the shadows after a reset, a load or a
+    tensor-by-tensor update. Counters and products live on the host (numpy).
+    """
 
     guarded = True
+    _SLACK = 1.0 + 2.0**-10  # rounding of the lerp: its result may pass its inputs by an ulp
 
     def reset(self, init: str) -> None:
         t = self.tracked
         self.init = init
-        self.counters = t.backend.new_counters(t.shadows)
-        self.products = (t.backend.new_counters(t.avg_shadows, product=True)
+        self.counters = np.zeros(len(t.shadows), dtype=np.int64)
+        self.products = (np.ones(len(t.avg_shadows), dtype=np.float64)
                          if init == "zeros" else None)
+        self.bound: float | None = None  # >= every |shadow|; None: read it from the shadows
+        self.headroom = (t.backend.headroom(t.avg_shadows), t.backend.headroom(t.copy_shadows))
 
     def fold(self, plan: Plan, sources: list[Any], tick: Tick) -> None:
         t = self.tracked
         t.settle()
         n = len(t.avg_shadows)
-        t.backend.guarded_update_(t.avg_shadows, sources[:n], tick.decay, self.counters[:n],
-                                  self.products)
-        t.backend.guarded_update_(t.copy_shadows, sources[n:], None, self.counters[n:])
+        peaks = plan.peaks(sources)
+        if peaks is not None and self._averages_safely(peaks[0]):
+            plan.lerp_(sources, 1.0 - tick.decay)
+            if self.products is not None:
+                self.products *= tick.decay
+            self.bound = max(self.bound or 0.0, peaks[0]) * self._SLACK
+        else:
+            done = np.array(t.backend.guarded_update_(t.avg_shadows, sources[:n], tick.decay),
+                            dtype=bool)
+            self.counters[:n] += ~done
+            if self.products is not None:
+                self.products[done] *= tick.decay
+            self.bound = None
+        if not t.copy_shadows:
+            return
+        if peaks is not None and peaks[1] <= self.headroom[1]:  # False for NaN
+            plan.copy_(sources)
+        else:
+            done = np.array(t.backend.guarded_update_(t.copy_shadows, sources[n:], None),
+                            dtype=bool)
+            self.counters[n:] += ~done
+
+    def _averages_safely(self, peak: float) -> bool:
+        """No lerp of weights at most ``peak`` in magnitude can give a non-finite shadow."""
+        limit = self.headroom[0]
+        if not peak <= limit:  # NaN, inf, or too large
+            return False
+        if self.bound is None:
+            self.bound = self.tracked.backend.largest(self.tracked.avg_shadows)
+        return self.bound <= limit
 
     def divisors(self, num_updates: int, decay_product: float) -> float | list[float] | None:
         if self.products is None:
             return super().divisors(num_updates, decay_product)
         super().divisors(num_updates, 0.0)  # refuses before the first update
         names = self.tracked.avg_names
-        products = dict(zip(names, self.tracked.backend.counts(self.products)))
+        products = dict(zip(names, self.products.tolist()))
         divisors = average_divisors(self.init, decay_product, products, names)
         if divisors is None:
             return None
@@ -158,13 +201,12 @@ class Guarded(Folding):
         return [divisors[n] for n in names]
 
     def skips(self) -> dict[str, int]:
-        return dict(zip(self.tracked.names, self.tracked.backend.counts(self.counters)))
+        return dict(zip(self.tracked.names, self.counters.tolist()))
 
     def state(self) -> dict[str, Any]:
         out: dict[str, Any] = {"nonfinite_skips": self.skips()}
         if self.products is not None:
-            out["decay_products"] = dict(zip(self.tracked.avg_names,
-                                             self.tracked.backend.counts(self.products)))
+            out["decay_products"] = dict(zip(self.tracked.avg_names, self.products.tolist()))
         return out
 
     def check(self, checked: CheckedState) -> None:

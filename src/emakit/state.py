@@ -59,7 +59,7 @@ SETTINGS = ("backend", "step", "last_update_step", "num_updates", "decay_product
 REQUIRED_KEYS = ("format_version", *SETTINGS, "shadows")
 INFO_KEYS = ("source_dtypes", "aliases")
 """Optional keys that describe the model; reported, never applied."""
-MAX_COUNT = 2 ** 63 - 1  # counters are int64 next to the shadows
+MAX_COUNT = 2 ** 63 - 1  # skip counters are int64
 
 
 class LoadResult(NamedTuple):

@@ -80,6 +80,16 @@ class Plan(ABC):
     def describe(self) -> tuple[GroupInfo, ...]:
         """The groups this plan updates, and how (see :class:`GroupInfo`)."""
 
+    def peaks(self, sources: Sequence[Any]) -> tuple[float, float] | None:
+        """The largest magnitude among the floating averaged sources, and among the copied ones.
+
+        ``max |x|`` over every element (0.0 for none); NaN when one is NaN (an infinite one
+        gives inf). One reduction per run or loose tensor, and one read back to the host: what
+        the non-finite guard checks before taking the grouped kernels. Default None: no cheap
+        answer (the guard then checks tensor by tensor).
+        """
+        return None
+
     def settle(self) -> None:
         """Block until every ``lerp_`` / ``copy_`` so far has reached the shadows.
 
@@ -149,22 +159,30 @@ class Backend(ABC):
         """In place ``dsts[i] <- srcs[i]``, casting dtype and moving device as needed."""
 
     @abstractmethod
-    def new_counters(self, shadows: Sequence[Any], *, product: bool = False) -> Any:
-        """Per-shadow numbers next to the shadows: zeroed int64 skip counters, or float64 ones
-        (``product=True``) for per-tensor decay products. ``counters[i] += v`` (``*= v``)
-        changes entry i."""
-
-    @abstractmethod
-    def guarded_update_(self, shadows: Sequence[Any], sources: Sequence[Any], decay: float | None,
-                        counters: Any, products: Any = None) -> None:
+    def guarded_update_(self, shadows: Sequence[Any], sources: Sequence[Any],
+                        decay: float | None) -> list[bool]:
         """Lerp with weight ``1 - decay`` (or copy when ``decay is None``) where the result is
-        all finite; leave the other shadows as they were and count them in ``counters``; where
-        ``products`` is given, multiply ``products[i]`` by ``decay`` for each shadow updated.
-        No host/device sync."""
+        all finite; leave the other shadows as they were.
+
+        Returns:
+            For each shadow, whether it was updated (non-floating ones always are). May
+            synchronise: this is the guard's tensor-by-tensor path, taken on the updates whose
+            :meth:`Plan.peaks` check failed.
+        """
 
     @abstractmethod
-    def counts(self, counters: Any) -> list[Any]:
-        """The values of :meth:`new_counters` as Python numbers (may synchronise)."""
+    def largest(self, xs: Sequence[Any]) -> float:
+        """``max |x|`` over the floating arrays' elements (0.0 for none; NaN if one is NaN)."""
+
+    @abstractmethod
+    def headroom(self, xs: Sequence[Any]) -> float:
+        """Half the largest finite value of the narrowest floating dtype among ``xs`` (inf if
+        none is floating).
+
+        A lerp of finite values at most this large, with a weight in [0, 1], into shadows of
+        these dtypes cannot overflow (the difference of two such values is finite, and the
+        result lies between them up to rounding).
+        """
 
     @abstractmethod
     def finite(self, xs: Sequence[Any]) -> list[bool]:

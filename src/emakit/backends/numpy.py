@@ -8,6 +8,7 @@ formula (numpy has no FMA) and agree with torch to within an ulp per update.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -220,17 +221,14 @@ class NumpyBackend(Backend):
         for d, s in zip(dsts, srcs):
             np.copyto(d, s, casting="unsafe")
 
-    def new_counters(self, shadows: Sequence[Any], *, product: bool = False) -> Any:
-        if product:
-            return np.ones(len(shadows), dtype=np.float64)
-        return np.zeros(len(shadows), dtype=np.int64)
-
     def guarded_update_(self, shadows: Sequence[Any], sources: Sequence[Any],
-                        decay: float | None, counters: Any, products: Any = None) -> None:
-        for i, (shadow, src) in enumerate(zip(shadows, sources)):
+                        decay: float | None) -> list[bool]:
+        done: list[bool] = []
+        for shadow, src in zip(shadows, sources):
             a = np.asarray(src)
             if a.dtype.kind not in "fc":
                 np.copyto(shadow, a, casting="unsafe")
+                done.append(True)
                 continue
             # convert first: a finite float64 source may overflow a float32 shadow, and the
             # lerp itself may overflow; either makes the result non-finite, which is skipped
@@ -239,15 +237,21 @@ class NumpyBackend(Backend):
                 if decay is not None:
                     end, new = new, shadow.reshape(-1).copy()
                     lerp_into(new, end, 1.0 - decay)
-            if not np.isfinite(new).all():
-                counters[i] += 1
-                continue
-            shadow[...] = new.reshape(shadow.shape)
-            if products is not None and decay is not None:
-                products[i] *= decay
+            ok = bool(np.isfinite(new).all())
+            if ok:
+                shadow[...] = new.reshape(shadow.shape)
+            done.append(ok)
+        return done
 
-    def counts(self, counters: Any) -> list[Any]:
-        return [c.item() for c in counters]
+    def largest(self, xs: Sequence[Any]) -> float:
+        tops = [float(np.max(np.abs(x), initial=0.0)) for x in xs
+                if np.asarray(x).dtype.kind in "fc"]
+        return math.nan if any(math.isnan(t) for t in tops) else max(tops, default=0.0)
+
+    def headroom(self, xs: Sequence[Any]) -> float:
+        maxima = [float(np.finfo(np.asarray(x).dtype).max) for x in xs
+                  if np.asarray(x).dtype.kind in "fc"]
+        return min(maxima, default=math.inf) / 2
 
     def finite(self, xs: Sequence[Any]) -> list[bool]:
         return [bool(np.isfinite(x).all()) if np.asarray(x).dtype.kind in "fc" else True

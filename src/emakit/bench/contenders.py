@@ -33,10 +33,13 @@ def _emakit(**options: Any) -> Callable[[nn.Module, float], Update]:
     return make
 
 
-def _nonfinite_skip(model: nn.Module, decay: float) -> Update:
-    import emakit
+def _nonfinite_skip(flat: bool) -> Callable[[nn.Module, float], Update]:
+    def make(model: nn.Module, decay: float) -> Update:
+        import emakit
 
-    return emakit.EMA(model, decay=decay, policy=emakit.Policy(nonfinite="skip")).update
+        source = _flat_twin(model) if flat else model
+        return emakit.EMA(source, decay=decay, policy=emakit.Policy(nonfinite="skip")).update
+    return make
 
 
 def _flat_twin(model: nn.Module) -> nn.Module:
@@ -159,7 +162,8 @@ CONTENDERS: dict[str, Callable[[nn.Module, float], Update]] = {
     "emakit multi x2": _emakit_multi(False),
     "emakit flat multi x2": _emakit_multi(True),
     "emakit every=4": _emakit(every=4),
-    "emakit skip_nonfinite": _nonfinite_skip,
+    "emakit skip_nonfinite": _nonfinite_skip(False),
+    "emakit flat skip_nonfinite": _nonfinite_skip(True),
     "emakit swap round trip": _emakit_swap,
     "timm ModelEmaV3": _timm,
     "AveragedModel foreach": _averaged_model,

@@ -22,24 +22,13 @@ from emakit.backends.torch.layout import PLAIN, is_dense, source_runs
 from emakit.backends.torch.offload import Offloaded
 from emakit.backends.torch.parts import Staged
 from emakit.backends.torch.plan import TorchPlan
+from emakit.backends.torch.readback import peak, to_host
 from emakit.backends.torch.shared import SharedRead
 
 __all__ = ["BACKEND", "TorchBackend", "is_dense"]
 
 _HALF = (torch.float16, torch.bfloat16)
 _EXAMPLE = "dtype=torch.float32 or dtype='float32'"
-
-
-def to_host(scalars: list[torch.Tensor]) -> list[Any]:
-    """Python numbers from 0-dim tensors: one transfer per device, not one per tensor."""
-    out: list[Any] = [None] * len(scalars)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, x in enumerate(scalars):
-        by_device.setdefault(x.device, []).append(i)
-    for index in by_device.values():
-        for i, value in zip(index, torch.stack([scalars[i] for i in index]).tolist()):
-            out[i] = value
-    return out
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -141,31 +130,31 @@ class TorchBackend(Backend):
         with torch.no_grad():
             torch._foreach_copy_(list(dsts), list(srcs))
 
-    def new_counters(self, shadows: Sequence[Any], *, product: bool = False) -> Any:
-        if product:
-            return [torch.ones((), dtype=torch.float64, device=s.device) for s in shadows]
-        return [torch.zeros((), dtype=torch.int64, device=s.device) for s in shadows]
-
     def guarded_update_(self, shadows: Sequence[Any], sources: Sequence[Any],
-                        decay: float | None, counters: Any, products: Any = None) -> None:
+                        decay: float | None) -> list[bool]:
+        done: list[bool] = []
         with torch.no_grad():
-            for i, (shadow, src) in enumerate(zip(shadows, sources)):
-                value = src.to(device=shadow.device, dtype=shadow.dtype)
+            for shadow, src in zip(shadows, sources):
                 if not (src.is_floating_point() or src.is_complex()):
-                    shadow.copy_(value)
+                    shadow.copy_(src)
+                    done.append(True)
                     continue
                 # NaN/Inf in the source, or a finite source that overflows the shadow's dtype
                 # (or the lerp), makes the result non-finite: keep the shadow then
+                value = src.to(device=shadow.device, dtype=shadow.dtype)
                 new = value if decay is None else torch.lerp(shadow, value, 1.0 - decay)
-                ok = torch.isfinite(new).all()
-                shadow.copy_(torch.where(ok, new, shadow))
-                counters[i].add_(ok.logical_not().to(counters[i].device))
-                if products is not None and decay is not None:
-                    product = products[i]  # float64: multiply in float64, not in a float32 temp
-                    product.copy_(torch.where(ok.to(product.device), product * decay, product))
+                ok = bool(torch.isfinite(new).all())
+                if ok:
+                    shadow.copy_(new)
+                done.append(ok)
+        return done
 
-    def counts(self, counters: Any) -> list[Any]:
-        return to_host(list(counters))
+    def largest(self, xs: Sequence[Any]) -> float:
+        return peak([x for x in xs if x.is_floating_point() or x.is_complex()])
+
+    def headroom(self, xs: Sequence[Any]) -> float:
+        maxima = [torch.finfo(x.dtype).max for x in xs if x.is_floating_point()]
+        return min(maxima, default=float("inf")) / 2
 
     def finite(self, xs: Sequence[Any]) -> list[bool]:
         flags = [torch.isfinite(x).all() if x.is_floating_point() or x.is_complex()

@@ -9,6 +9,7 @@ update, with one pointer read per held tensor, that the sources still lie where 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from emakit.backends.torch import layout, offload
 from emakit.backends.torch.layout import group_positions, signature, where
 from emakit.backends.torch.offload import Offloaded
 from emakit.backends.torch.parts import Direct, Staged
+from emakit.backends.torch.readback import peaks
 
 __all__ = ["TorchPlan", "part_for"]
 
@@ -101,6 +103,20 @@ class TorchPlan(Plan):
                                                              ("copy", self.copies))
                      for part in parts)
 
+    def peaks(self, sources: Sequence[torch.Tensor]) -> tuple[float, float] | None:
+        if self.offloaded:  # the sources are read on another device by a worker thread
+            return None
+        n = len(self.avg_shadows)
+        if self.loop:
+            groups = [list(sources[:n]), list(sources[n:])]
+        else:  # a held run is one tensor here: one reduction covers a flattened module
+            groups = [[x for p in parts for x in p.sources(sources)]
+                      for parts in (self.lerps, self.copies)]
+        floating = [[x for x in g if x.is_floating_point() or x.is_complex()] for g in groups]
+        tops = peaks(floating[0] + floating[1])
+        k = len(floating[0])
+        return _largest(tops[:k]), _largest(tops[k:])
+
     def settle(self) -> None:
         for part in self.offloaded:
             part.settle()
@@ -131,3 +147,6 @@ def part_for(shadows: list[torch.Tensor], sources: list[torch.Tensor], index: li
         return Direct(index, shadows, sources)
     return Staged(index, shadows, sources)
 
+
+def _largest(tops: list[float]) -> float:
+    return math.nan if any(math.isnan(t) for t in tops) else max(tops, default=0.0)
