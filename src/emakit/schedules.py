@@ -53,8 +53,11 @@ def _interval_args(start: object, stop: object) -> tuple[int, int]:
     return a, b
 
 
-EXACT_STEPS = 10_000  # gaps up to this many steps: the per-step decays multiplied in order
-FALLBACK_STEPS = 2**20  # a schedule without a closed form: steps multiplied before sampling
+EXACT_STEPS = 10_000
+"""Gaps of up to this many steps multiply the per-step decays in order (bitwise resumable)."""
+FALLBACK_STEPS = 2**20
+"""A schedule without a closed form: the first steps of a longer gap multiplied in order, the
+rest sampled (:meth:`Schedule.long_interval`)."""
 
 
 def _step(value: object, name: str = "step", minimum: int = 1) -> int:

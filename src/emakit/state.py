@@ -57,6 +57,7 @@ SETTINGS = ("backend", "step", "last_update_step", "num_updates", "decay_product
             "every", "decay", "policy", "actions")
 """The non-tensor keys every state has (besides ``format_version`` and ``shadows``)."""
 REQUIRED_KEYS = ("format_version", *SETTINGS, "shadows")
+"""The keys every state has: the version, the settings, and the shadows."""
 INFO_KEYS = ("source_dtypes", "aliases")
 """Optional keys that describe the model; reported, never applied."""
 MAX_COUNT = 2 ** 63 - 1  # skip counters are int64
