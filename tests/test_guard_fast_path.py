@@ -158,3 +158,25 @@ def test_guard_matches_the_per_tensor_reference(pokes, decay, flat):
                 torch.isnan(got[k]).equal(torch.isnan(shadows[k]))
                 and torch.equal(torch.nan_to_num(got[k]), torch.nan_to_num(shadows[k]))), k
         assert ema.nonfinite_skips() == skips
+
+
+def test_a_long_finite_run_stays_on_the_grouped_path(monkeypatch):
+    """The shadows' magnitude bound must not creep up update after update (it would end up
+    above the headroom and send every update tensor by tensor). float16 shadows have a
+    headroom of 32752: a bound grown by 2**-10 per update would pass it within 10000 updates.
+    Over 20000 updates, not one makes a per-tensor check (which asks a tensor for its truth
+    value)."""
+    w = {"a": torch.full((4,), 3.0), "b": torch.ones(3)}
+    ema = emakit.EMA(w, decay=0.5, dtype=torch.float16, policy=SKIP)
+    checks = []
+
+    def per_tensor_check(self, checks=checks):
+        checks.append(1)
+        return True
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", per_tensor_check)
+    for _ in range(20_000):
+        ema.update()
+    monkeypatch.undo()
+    assert checks == []
+    assert ema.nonfinite_skips() == {"a": 0, "b": 0}

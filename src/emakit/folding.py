@@ -159,7 +159,7 @@ class Guarded(Folding):
             plan.lerp_(sources, 1.0 - tick.decay)
             if self.products is not None:
                 self.products *= tick.decay
-            self.bound = max(self.bound or 0.0, peaks[0]) * self._SLACK
+            self.bound = max(self.bound or 0.0, peaks[0] * self._SLACK)  # no compounding
         else:
             done = np.array(t.backend.guarded_update_(t.avg_shadows, sources[:n], tick.decay),
                             dtype=bool)
