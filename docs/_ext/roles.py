@@ -22,11 +22,15 @@ import logging
 import re
 from collections.abc import Callable
 
-import griffe
+try:
+    import griffe
+except ImportError:  # the pure functions are tested with the test extra, which has no griffe
+    griffe = None
 
 __all__ = ["ROLE", "SphinxRoles", "fence_doctests", "rewrite", "split_arguments"]
 
-ROLE = re.compile(r":(?:py:)?(?P<role>[a-z]+):`(?P<tilde>~?)(?P<text>[^`<]*?)\s*(?:<(?P<target>[^>]*)>)?`")
+ROLE = re.compile(r":(?:py:)?(?P<role>[a-z]+):`(?P<tilde>~?)(?P<text>[^`<]*?)\s*"
+                  r"(?:<(?P<target>[^>]*)>)?`")
 """``:role:`target```, ``:role:`~a.b.target``` and ``:role:`title <target>```."""
 
 _LITERAL = re.compile(r"(?<=\S)::$", re.MULTILINE)
@@ -146,53 +150,54 @@ def split_arguments(text: str) -> str:
     return "\n".join(out)
 
 
-def _lookup(scope: griffe.Object | griffe.Alias, dotted: str) -> str | None:
-    """The canonical path of ``dotted`` seen from ``scope``, or None."""
-    try:
-        found = scope[dotted]
-    except (KeyError, ValueError, AttributeError, griffe.AliasResolutionError,
-            griffe.CyclicAliasError):
-        return None
-    try:
-        return str(found.final_target.path if isinstance(found, griffe.Alias) else found.path)
-    except (griffe.AliasResolutionError, griffe.CyclicAliasError):
-        return str(found.target_path) if isinstance(found, griffe.Alias) else None
-
-
-class SphinxRoles(griffe.Extension):
-    """Rewrite the roles of every docstring of a loaded package (see the module docstring)."""
-
-    def on_package(self, *, pkg: griffe.Module, **kwargs: object) -> None:
-        """Walk the package once it is loaded, when every alias can be resolved."""
-        collection = pkg.modules_collection
-
-        def visit(obj: griffe.Object) -> None:
-            if obj.docstring is not None:
-                text = split_arguments(fence_doctests(obj.docstring.value))
-                obj.docstring.value = rewrite(text, self._resolver(obj, collection), obj.path)
-            for member in obj.members.values():
-                if not isinstance(member, griffe.Alias):
-                    visit(member)
-
-        visit(pkg)
-
-    @staticmethod
-    def _resolver(obj: griffe.Object,
-                  collection: griffe.ModulesCollection) -> Callable[[str], str | None]:
-        scopes: list[griffe.Object] = []
-        node: griffe.Object | None = obj
-        while node is not None:
-            scopes.append(node)
-            node = node.parent
-
-        def resolve(target: str) -> str | None:
-            for scope in scopes:
-                if (path := _lookup(scope, target)) is not None:
-                    return path
-            head = target.split(".", 1)
-            if head[0] in collection.members:
-                module = collection.members[head[0]]
-                return module.path if len(head) == 1 else _lookup(module, head[1])
+if griffe is not None:
+    def _lookup(scope: griffe.Object | griffe.Alias, dotted: str) -> str | None:
+        """The canonical path of ``dotted`` seen from ``scope``, or None."""
+        try:
+            found = scope[dotted]
+        except (KeyError, ValueError, AttributeError, griffe.AliasResolutionError,
+                griffe.CyclicAliasError):
             return None
+        try:
+            return str(found.final_target.path if isinstance(found, griffe.Alias) else found.path)
+        except (griffe.AliasResolutionError, griffe.CyclicAliasError):
+            return str(found.target_path) if isinstance(found, griffe.Alias) else None
 
-        return resolve
+
+    class SphinxRoles(griffe.Extension):
+        """Rewrite the roles of every docstring of a loaded package (see the module docstring)."""
+
+        def on_package(self, *, pkg: griffe.Module, **kwargs: object) -> None:
+            """Walk the package once it is loaded, when every alias can be resolved."""
+            collection = pkg.modules_collection
+
+            def visit(obj: griffe.Object) -> None:
+                if obj.docstring is not None:
+                    text = split_arguments(fence_doctests(obj.docstring.value))
+                    obj.docstring.value = rewrite(text, self._resolver(obj, collection), obj.path)
+                for member in obj.members.values():
+                    if not isinstance(member, griffe.Alias):
+                        visit(member)
+
+            visit(pkg)
+
+        @staticmethod
+        def _resolver(obj: griffe.Object,
+                      collection: griffe.ModulesCollection) -> Callable[[str], str | None]:
+            scopes: list[griffe.Object] = []
+            node: griffe.Object | None = obj
+            while node is not None:
+                scopes.append(node)
+                node = node.parent
+
+            def resolve(target: str) -> str | None:
+                for scope in scopes:
+                    if (path := _lookup(scope, target)) is not None:
+                        return path
+                head = target.split(".", 1)
+                if head[0] in collection.members:
+                    module = collection.members[head[0]]
+                    return module.path if len(head) == 1 else _lookup(module, head[1])
+                return None
+
+            return resolve
