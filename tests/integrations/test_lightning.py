@@ -9,7 +9,6 @@ own ``load_from_checkpoint``.
 """
 
 import copy
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,6 +17,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pl = pytest.importorskip("lightning.pytorch")
+
+from launch import run_job
 
 import emakit
 from emakit.integrations.lightning import EMA, LAYOUT
@@ -287,8 +288,7 @@ def test_ddp_with_two_cpu_processes_keeps_one_identical_ema_per_rank(tmp_path):
     ckpt = tmp_path / "ddp.ckpt"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(
         here=str(Path(__file__).parent), root=str(tmp_path), ckpt=str(ckpt))))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=240, cwd=tmp_path)
+    proc = run_job([sys.executable, str(script)], timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["step"] == r1["step"] == 6  # 48 samples / 2 ranks / 8 per batch, 2 epochs

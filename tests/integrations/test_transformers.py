@@ -9,7 +9,6 @@ the best / final EMA folders load with ``from_pretrained``.
 """
 
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,6 +17,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+from launch import run_job
 
 import emakit
 from emakit.integrations.transformers import FILE_NAME, EMACallback
@@ -223,9 +224,8 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(here=str(Path(__file__).parent),
                                                         out=str(tmp_path))))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(script)], capture_output=True, text=True,
-                          timeout=240, cwd=tmp_path)
+    proc = run_job([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", str(script)], timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world"] == 2 and r0["step"] == r1["step"] == 6
