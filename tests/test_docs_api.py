@@ -137,9 +137,11 @@ def test_a_role_naming_nothing_is_a_warning(caplog):
 
 def test_doctests_are_fenced():
     roles = load_roles()
-    text = "Example:\n    >>> 1 + 1\n    2\n\nAfter."
+    section = "Example:\n    >>> 1 + 1\n    2\n\nAfter."     # mkdocstrings renders these
+    assert roles.fence_doctests(section) == section.replace("Example:", "Examples:")
+    text = "Notes:\n    >>> 1 + 1\n    2\n\nAfter."
     assert roles.fence_doctests(text) == (
-        "Example:\n\n    ```pycon\n    >>> 1 + 1\n    2\n    ```\n\nAfter.")
+        "Notes:\n\n    ```pycon\n    >>> 1 + 1\n    2\n    ```\n\nAfter.")
     free = "Some text.\n\n    >>> x = 1\n\nMore."   # under a paragraph: dedented, else the
     assert roles.fence_doctests(free) == (              # indentation makes a code block of it
         "Some text.\n\n```pycon\n>>> x = 1\n```\n\nMore.")

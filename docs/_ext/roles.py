@@ -7,10 +7,11 @@ relative to the object whose docstring holds it (its class, its module, then the
 writes an optional cross-reference: a link where the target is rendered in the site, plain code
 where it is not (a package-internal module). A target that names nothing is logged as a warning,
 so ``mkdocs build --strict`` fails on it. Two more reST habits are made Markdown: a paragraph
-ending in ``::`` (the literal-block marker) ends in ``:``, and a doctest (``>>>`` lines and their
-output, up to a blank line) becomes a fenced ``pycon`` block wherever it stands. An argument
-entry naming several parameters (``every, dtype, device: as for EMA``) becomes one entry per
-parameter, so each is matched with its annotation.
+ending in ``::`` (the literal-block marker) ends in ``:``, and a doctest (``>>>`` lines and
+their output, up to a blank line) outside an ``Example:`` section becomes a fenced ``pycon``
+block (an ``Example:`` section becomes ``Examples:``, whose doctests mkdocstrings renders). An
+argument entry naming several parameters (``every, dtype, device: as for EMA``) becomes one
+entry per parameter, so each is matched with its annotation.
 
 The rewrites are pure functions over the text (``tests/test_docs_api.py``).
 """
@@ -69,23 +70,31 @@ def rewrite(text: str, resolve: Callable[[str], str | None], where: str = "") ->
 
 
 def fence_doctests(text: str) -> str:
-    """Put every doctest of ``text`` (from a ``>>>`` line to the next blank line) in a fence.
+    """Put every free-standing doctest of ``text`` (a ``>>>`` line to a blank line) in a fence.
 
     Args:
         text: a docstring.
 
     Returns:
         The text with each doctest between ```` ```pycon ```` and ```` ``` ```` lines, with a
-        blank line before the fence: at the doctest's indentation under a section header
-        (``Example:``), else dedented to the preceding paragraph's (an indented block there
-        would be a Markdown code block of its own).
+        blank line before the fence: at the doctest's indentation under a section header,
+        else dedented to the preceding paragraph's (an indented block there would be a
+        Markdown code block of its own). An ``Example:`` header becomes ``Examples:`` and its
+        doctests are left as they are: mkdocstrings renders that section's doctests itself.
     """
     lines = text.split("\n")
     out: list[str] = []
+    examples: int | None = None  # the indentation of an open ``Example:`` section's header
     i = 0
     while i < len(lines):
         line = lines[i]
-        if not line.lstrip().startswith(">>>"):
+        depth = len(line) - len(line.lstrip())
+        if line.strip() and examples is not None and depth <= examples:
+            examples = None
+        if _EXAMPLES.match(line):
+            examples = depth
+            line = line.replace("Example:", "Examples:") if "Examples:" not in line else line
+        if not line.lstrip().startswith(">>>") or examples is not None:
             out.append(line)
             i += 1
             continue
@@ -106,6 +115,7 @@ def fence_doctests(text: str) -> str:
     return "\n".join(out)
 
 
+_EXAMPLES = re.compile(r"^\s*Examples?:\s*$")
 _HEADER = re.compile(r"^\s*[A-Z][A-Za-z ]*:\s*$")
 _SECTION = re.compile(r"^(\s*)(Args|Arguments|Parameters|Keyword Args|Other Parameters):\s*$")
 _SEVERAL = re.compile(r"^(\s+)([A-Za-z_]\w*(?:, [A-Za-z_]\w*)+): (.*)$")
