@@ -15,7 +15,7 @@ import torch
 
 from emakit.backends.base import GroupInfo
 from emakit.backends.torch import layout
-from emakit.backends.torch.layout import find_runs, region, where
+from emakit.backends.torch.layout import find_runs, pairable, region, where
 
 __all__ = ["Direct", "Part", "Staged", "copy_all"]
 
@@ -31,6 +31,12 @@ class Part:
     def __init__(self, index: list[int], shadows: list[torch.Tensor],
                  sources: list[torch.Tensor]) -> None:
         runs, loose = find_runs(shadows, sources)
+        hold_above = self.hold_above()
+        if hold_above is not None:
+            big = {k for k in loose if shadows[k].numel() > hold_above
+                   and pairable(shadows[k], sources[k])}
+            runs += [[k] for k in sorted(big)]
+            loose = [k for k in loose if k not in big]
         self.held = [index[k] for run in runs for k in run]
         self.held_shadows = [region([shadows[k] for k in run]) for run in runs]
         self.held_sources = [region([sources[k] for k in run]) for run in runs]
@@ -40,6 +46,10 @@ class Part:
         self.source_kind = where(sources[0])
 
     kind = "direct"
+
+    def hold_above(self) -> int | None:
+        """Hold a lone tensor of more elements than this as a run of its own (None: never)."""
+        return None
 
     def describe(self, role: str) -> GroupInfo:
         """What this part updates, and how (:class:`emakit.backends.GroupInfo`)."""
@@ -83,10 +93,16 @@ class Staged(Part):
     Chunk by chunk, ``_foreach_copy_`` converts sources into views of a preallocated staging
     buffer and ``_foreach_lerp_`` folds them in: no allocation per update, and the converted
     chunk is still in the caches when the lerp reads it. Held runs are cut into pieces of at
-    most the staging size; a loose tensor larger than that gets a staging buffer of its size.
+    most the staging size; so is a lone dense tensor larger than that (held as a run of its
+    own: a 38M-element embedding would otherwise need a staging buffer of its size, and the
+    converted values would come back from memory instead of the caches). A larger tensor that
+    cannot be viewed flat gets a staging buffer of its size.
     """
 
     kind = "staged"
+
+    def hold_above(self) -> int | None:
+        return layout.STAGING_ELEMENTS
 
     def describe(self, role: str) -> GroupInfo:
         return super().describe(role)._replace(chunks=len(self.chunks))
