@@ -31,8 +31,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from emakit.backends import Plan
 from emakit.clock import DecayClock, Tick
 from emakit.errors import StateDictError, SwapError
@@ -142,6 +140,8 @@ class Guarded(Folding):
     _SLACK = 1.0 + 2.0**-10  # rounding of the lerp: its result may pass its inputs by an ulp
 
     def reset(self, init: str) -> None:
+        import numpy as np  # here: `import emakit` stays light
+
         t = self.tracked
         self.init = init
         self.counters = np.zeros(len(t.shadows), dtype=np.int64)
@@ -151,6 +151,8 @@ class Guarded(Folding):
         self.headroom = (t.backend.headroom(t.avg_shadows), t.backend.headroom(t.copy_shadows))
 
     def fold(self, plan: Plan, sources: list[Any], tick: Tick) -> None:
+        import numpy as np  # here: `import emakit` stays light
+
         t = self.tracked
         t.settle()
         n = len(t.avg_shadows)
