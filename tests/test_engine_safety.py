@@ -309,3 +309,31 @@ def test_store_and_restore_take_torch_emas_parameters_argument():
     assert torch.equal(model.weight, before)
     with pytest.raises(ValueError, match=r"store\(parameters\): 1 of the 1 tensors given are not"):
         ema.store([torch.zeros(2)])
+
+
+# ----------------------------------------------------------------------------- wrappers
+def test_unsupported_sharding_wrappers_are_refused_by_name():
+    """FSDP1 and DeepSpeed ZeRO-3 hide the full parameters: refused, saying what works."""
+
+    class FullyShardedDataParallel(nn.Module):  # what FSDP1's wrapper is called
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    with pytest.raises(ValueError, match=r"FSDP1.*fully_shard"):
+        emakit.EMA(FullyShardedDataParallel(nn.Linear(2, 2)))
+    partitioned = nn.Linear(2, 2)
+    partitioned.weight.ds_id = 0  # what ZeRO-3 sets on each partitioned parameter
+    with pytest.raises(ValueError, match=r"'weight'.*ZeRO stage 3"):
+        emakit.EMA(partitioned)
+
+
+def test_a_deepspeed_engine_is_unwrapped_like_ddp():
+    class DeepSpeedEngine(nn.Module):  # ZeRO 1/2: full parameters under .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    inner = nn.Linear(2, 2)
+    ema = emakit.EMA(DeepSpeedEngine(inner))
+    assert sorted(ema.averaged()) == ["bias", "weight"]

@@ -93,6 +93,12 @@ class ModuleSource:
         first: dict[int, str] = {}
         self._aliases = {}
         for name, p in self.module.named_parameters(remove_duplicate=False):
+            if getattr(p, "ds_id", None) is not None:
+                raise ValueError(
+                    f"parameter {name!r} is partitioned by DeepSpeed ZeRO stage 3 (this rank "
+                    "holds no full tensor to average), which emakit does not support. Use "
+                    "ZeRO stage 1 or 2 (full parameters on every rank), or FSDP2 "
+                    "(torch.distributed.fsdp.fully_shard), whose shards emakit averages.")
             if _first_name(first, self._aliases, name, p):
                 out.append(Entry(name, p, False, bool(p.requires_grad)))
         for name, b in self.module.named_buffers(remove_duplicate=False):
@@ -218,16 +224,27 @@ def _pairs(items: Iterable[Any]) -> dict[str, Any]:
 
 
 def unwrapped(module: Any) -> Any:
-    """The model inside the wrappers that only prefix its names: DDP / DataParallel
-    (``.module``) and ``torch.compile`` (``._orig_mod``). They share the model's parameters, so
-    an EMA of the inner model averages the same tensors under the model's own names (files and
-    ``model_state_dict()`` then load into the plain model)."""
+    """The model inside the wrappers that only prefix its names: DDP / DataParallel / a
+    DeepSpeed engine (``.module``) and ``torch.compile`` (``._orig_mod``). They share the
+    model's parameters, so an EMA of the inner model averages the same tensors under the model's
+    own names (files and ``model_state_dict()`` then load into the plain model).
+
+    Raises:
+        ValueError: for FSDP1 (``FullyShardedDataParallel``), whose flattened parameters are
+            resharded behind the model's back.
+    """
     import torch
 
     for _ in range(8):
         kind = type(module).__name__
+        if kind == "FullyShardedDataParallel":
+            raise ValueError(
+                "source is a FullyShardedDataParallel (FSDP1) module, whose parameters are "
+                "flattened and resharded behind the model's back; emakit averages FSDP2 models. "
+                "Shard with torch.distributed.fsdp.fully_shard (FSDP2) and pass that model, or "
+                "average the model before wrapping it in FSDP1 (single-process).")
         inner = getattr(module, "module", None) if kind in (
-            "DistributedDataParallel", "DataParallel") else \
+            "DistributedDataParallel", "DataParallel", "DeepSpeedEngine") else \
             getattr(module, "_orig_mod", None) if kind == "OptimizedModule" else None
         if not isinstance(inner, torch.nn.Module):
             break
