@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from emakit import smoothing
+from emakit.ewm_slabs import ewm_series
+from emakit.scan import scan_const
 from emakit.smoothing import alpha_from, ewm
 from oracle import ewm_loop, ewm_sum
 
@@ -139,13 +140,20 @@ def test_long_gap_does_not_underflow_into_nan():
         assert np.isfinite(y).all()
 
 
-def test_block_size_is_an_implementation_detail(monkeypatch):
+def test_block_and_slab_sizes_are_implementation_details():
+    # the documented knobs of emakit.scan and emakit.ewm_slabs: same numbers to rounding
     x = _series(1000, 0.2)
-    want = {k: ewm(x, alpha=0.03, adjust=k[0], ignore_na=k[1])
-            for k in itertools.product([True, False], [True, False])}
-    monkeypatch.setattr(smoothing, "_BLOCK", 8)
-    for (adjust, ignore_na), w in want.items():
-        _close(ewm(x, alpha=0.03, adjust=adjust, ignore_na=ignore_na), w, rtol=1e-12)
+    for adjust, ignore_na in itertools.product([True, False], [True, False]):
+        mode = "adjusted" if adjust else "first"
+        want = ewm(x, alpha=0.03, adjust=adjust, ignore_na=ignore_na)  # 1000 < 4096: batch
+        for slab in (8, 64, 4096):
+            got = np.empty_like(x)
+            ewm_series(x, got, 0.03, mode, ignore_na, 0, slab=slab)
+            _close(got, want, rtol=1e-12)
+    u = RNG.standard_normal((2, 1000))
+    want = scan_const(u.copy(), 0.97)
+    for block in (8, 16, 64, 1000):
+        _close(scan_const(u.copy(), 0.97, block=block), want, rtol=1e-13)
 
 
 finite = st.floats(-1e6, 1e6, allow_nan=False)

@@ -12,14 +12,15 @@ sample (NaN and +-inf are missing values, as in pandas). With ``beta = 1 - alpha
 - ``debias=False``: the same recurrence started from zero, ``y_(-1) = 0``, *not* corrected: what a
   hand-written loop with ``ema = np.zeros_like(x)`` gives (biased towards 0 early on).
 
-How it runs: every case is a linear recurrence ``s_t = a_t * s_(t-1) + u_t``. With a constant
-``a_t = beta`` (no missing values, or pandas' default ``ignore_na=False`` for ``adjust=True``),
-blocks of 64 samples are one matrix product with the lower-triangular Toeplitz matrix
-``beta^(k-i)`` (BLAS), and the block ends are chained by the same recurrence on 64x fewer
-values. Missing values with ``ignore_na=True`` pack the observations to the left first;
-``adjust=False`` with ``ignore_na=False`` and gaps has a varying ``a_t`` and uses a log-depth
-(Hillis-Steele) scan.
-Series are centred on their first observed value, so a constant series comes out exactly constant.
+How it runs: every case is a linear recurrence ``s_t = a_t * s_(t-1) + u_t``, solved by
+``emakit.scan`` without a loop per sample (blocks of 8 samples are one BLAS product with the
+Toeplitz matrix ``beta^(k-i)``, the block ends are chained by the same recurrence on 8x fewer
+values). A series of at least 4096 samples goes through ``emakit.ewm_slabs``, a cache-sized
+slab at a time with the state carried across (missing values included: numerator and weight as
+two rows of one scan, observations packed for ``ignore_na=True``, a scaled scan for
+``adjust=False``); shorter series go all together through ``emakit.ewm_batch``, vectorised
+across series. Series are centred on their first observed value, so a constant series comes out
+exactly constant.
 
 Example:
     >>> import numpy as np
@@ -42,10 +43,12 @@ import numpy as np
 import numpy.typing as npt
 
 from emakit.conversions import real_in_range
+from emakit.ewm_batch import ewm_rows
+from emakit.ewm_slabs import ewm_series
 
 __all__ = ["alpha_from", "ewm"]
 
-_BLOCK = 64
+_LONG = 1 << 12  # series at least this long go one by one through emakit.ewm_slabs
 _MIN_ALPHA = 2.0**-53  # the smallest alpha with 1 - alpha != 1 in float64 (rounding to even)
 F64 = npt.NDArray[np.float64]
 
@@ -101,139 +104,6 @@ def alpha_from(*, alpha: float | None = None, half_life: float | None = None,
             "average of everything so far use a plain cumulative mean."
         )
     return a
-
-
-# ------------------------------------------------------------------------------------ scans
-def _toeplitz(beta: float, size: int) -> F64:
-    """``T[k, i] = beta^(k-i)`` for ``i <= k``, else 0 (``0^0 = 1``)."""
-    k = np.arange(size)
-    lag = k[:, None] - k[None, :]
-    return np.where(lag >= 0, beta ** np.maximum(lag, 0).astype(np.float64), 0.0)
-
-
-def _scan_const(u: F64, beta: float) -> F64:
-    """``s_t = beta * s_(t-1) + u_t`` along axis 1 of ``u`` (rows independent), ``s_(-1) = 0``.
-
-    Block ends come first from one matrix-vector product and their own (64x shorter) scan; each
-    block's incoming state, times beta, is then added to the block's first input, so one matrix
-    product with the Toeplitz matrix gives the final values. ``u`` may be overwritten.
-    """
-    m, n = u.shape
-    if n <= _BLOCK:
-        return np.asarray(u @ _toeplitz(beta, n).T, dtype=np.float64)
-    nb = -(-n // _BLOCK)
-    if nb * _BLOCK != n:
-        u = np.concatenate([u, np.zeros((m, nb * _BLOCK - n))], axis=1)
-    blocks = u.reshape(m, nb, _BLOCK)
-    tail = beta ** np.arange(_BLOCK - 1, -1, -1, dtype=np.float64)
-    ends = _scan_const(blocks @ tail, beta**_BLOCK)
-    blocks[:, 1:, 0] += beta * ends[:, :-1]
-    out = blocks.reshape(m * nb, _BLOCK) @ _toeplitz(beta, _BLOCK).T
-    return np.asarray(out.reshape(m, nb * _BLOCK)[:, :n], dtype=np.float64)
-
-
-def _scan_var(a: F64, b: F64) -> F64:
-    """``s_t = a_t * s_(t-1) + b_t`` along axis 1, ``s_(-1) = 0``, for ``a_t`` in [0, 1]."""
-    m, n = a.shape
-    nb = -(-n // _BLOCK)
-    pad = nb * _BLOCK - n
-    if pad:
-        a = np.concatenate([a, np.ones((m, pad))], axis=1)
-        b = np.concatenate([b, np.zeros((m, pad))], axis=1)
-    mul = a.reshape(m * nb, _BLOCK).copy()
-    acc = b.reshape(m * nb, _BLOCK).copy()
-    shift = 1
-    while shift < _BLOCK:  # log2(64) = 6 vectorised passes
-        acc[:, shift:] += mul[:, shift:] * acc[:, :-shift]
-        mul[:, shift:] *= mul[:, :-shift].copy()
-        shift *= 2
-    mul3, acc3 = mul.reshape(m, nb, _BLOCK), acc.reshape(m, nb, _BLOCK)
-    if nb > 1:
-        ends = _scan_var(np.ascontiguousarray(mul3[:, :, -1]),
-                         np.ascontiguousarray(acc3[:, :, -1]))
-        acc3[:, 1:, :] += mul3[:, 1:, :] * ends[:, :-1, None]
-    return np.asarray(acc3.reshape(m, nb * _BLOCK)[:, :n], dtype=np.float64)
-
-
-# ---------------------------------------------------------------------------------- the mean
-def _dense(x: F64, alpha: float, mode: str, gaps: F64 | None) -> F64:
-    """The average of rows with no missing values (``gaps``: positions between samples)."""
-    if alpha == 1.0:  # no memory: every output is its input, exactly
-        return np.array(x, dtype=np.float64)
-    beta = 1.0 - alpha
-    ref = x[:, :1].copy()
-    z = x - ref  # centred: a constant row gives exactly zero below
-    n = x.shape[1]
-    if mode == "first":  # adjust=False: z_0 = 0, z_t = c_t z_(t-1) + (1 - c_t) x_t
-        if gaps is None:
-            z *= alpha
-            return np.asarray(_scan_const(z, beta) + ref, dtype=np.float64)
-        old = beta**gaps
-        c = old / (old + alpha)
-        c[:, 0] = 0.0
-        return np.asarray(_scan_var(c, (1.0 - c) * z) + ref, dtype=np.float64)
-    s = _scan_const(z, beta)
-    # sum_(i<=t) beta^(t-i) = (1 - beta^(t+1)) / alpha; it is 1/alpha to the last bit once
-    # beta^(t+1) < 2^-60, so only that head is divided, the rest multiplied.
-    head = n if beta == 0.0 else min(n, math.ceil(-60 * math.log(2.0) / math.log(beta)) + 1)
-    t = np.arange(1, head + 1, dtype=np.float64)
-    w = np.ones(head) if beta == 0.0 else np.expm1(t * math.log(beta)) / math.expm1(math.log(beta))
-    if mode == "zeros":  # alpha * sum_i beta^(t-i) x_i, started from 0, not corrected
-        s[:, :head] += ref * w
-        s[:, head:] += ref / alpha
-        s *= alpha
-        return s
-    s[:, :head] /= w
-    s[:, head:] *= alpha
-    s += ref
-    return s
-
-
-def _ewm_rows(x: F64, alpha: float, mode: str, ignore_na: bool, minp: int) -> F64:
-    """The average along axis 1 of a 2-D float64 array (rows are independent series)."""
-    m, n = x.shape
-    if n == 0:
-        return np.array(x, dtype=np.float64)
-    finite = np.isfinite(x)
-    if finite.all():
-        y = _dense(x, alpha, mode, None)
-        if minp > 1:
-            y[:, : minp - 1] = np.nan
-        return y
-    observed = finite  # pandas treats +-inf as missing, like NaN
-    x = np.where(finite, x, 0.0)
-    index = np.int32 if n < 2**31 else np.int64
-    count = np.cumsum(observed, axis=1, dtype=index)
-    seen = count > 0
-    first = np.where(seen[:, -1], x[np.arange(m), np.argmax(observed, axis=1)], 0.0)
-    if ignore_na or mode == "first":
-        # Pack each row's observations to the left; positions go along for the gaps.
-        rows, cols = np.nonzero(observed)
-        slot = count[rows, cols] - 1
-        width = max(int(count[:, -1].max()), 1)
-        packed = np.repeat(first[:, None], width, axis=1)
-        packed[rows, slot] = x[rows, cols]
-        gaps = None
-        if mode == "first" and not ignore_na:
-            where = np.zeros((m, width))
-            where[rows, slot] = cols
-            gaps = np.diff(where, axis=1, prepend=0.0)
-            filler = np.arange(width)[None, :] >= count[:, -1:]
-            gaps[filler] = 1.0
-        out = _dense(packed, alpha, mode, gaps)
-        y = np.take_along_axis(out, np.maximum(count - 1, 0), axis=1)
-    else:
-        # adjust=True (or debias) with weights by absolute position: masked sums, filled forward.
-        beta = 1.0 - alpha
-        ref = first[:, None]
-        s = _scan_const(np.where(observed, x - ref, 0.0), beta)
-        w = _scan_const(observed.astype(np.float64), beta)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            full = alpha * (s + ref * w) if mode == "zeros" else s / w + ref
-        last = np.maximum.accumulate(np.where(observed, np.arange(n, dtype=index), 0), axis=1)
-        y = np.take_along_axis(full, last, axis=1)
-    y[count < max(minp, 1)] = np.nan
-    return y
 
 
 def ewm(
@@ -313,5 +183,11 @@ def ewm(
     rows = np.ascontiguousarray(moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1]))
     if a == 1.0:  # no memory: each output is its own input (carried over missing values)
         mode = "first"
-    out = _ewm_rows(rows, a, mode, bool(ignore_na), int(min_periods))
+    m, n = rows.shape
+    if n >= _LONG:
+        out = np.empty((m, n))
+        for i in range(m):
+            ewm_series(rows[i], out[i], a, mode, bool(ignore_na), int(min_periods))
+    else:
+        out = ewm_rows(rows, a, mode, bool(ignore_na), int(min_periods))
     return np.moveaxis(out.reshape(moved.shape), -1, axis)
