@@ -108,7 +108,7 @@ class _Slab:
         return q
 
 
-Step = Callable[[F64, F64, "npt.NDArray[np.bool_]", float, str, _Head, _Slab], int]
+Step = Callable[[F64, F64, "npt.NDArray[np.bool_]", float, str, _Head, _Slab], None]
 
 
 def _first_observed(x: F64, slab: int) -> int:
@@ -158,21 +158,19 @@ def ewm_series(x: F64, out: F64, alpha: float, mode: str, ignore_na: bool, min_p
     buf = _Slab(min(slab, n - start), float(x[start]), alpha)
     need = max(min_periods, 1)
     reached = start if need == 1 else -1
-    lo = start
-    while lo < n:
+    for lo in range(start, n, slab):
         xs = x[lo:lo + slab]
         fin = np.isfinite(xs, out=buf.fin[:xs.size])
         before = buf.count
-        w = step(xs, out[lo:lo + xs.size], fin, alpha, mode, head, buf)
-        buf.count += int(np.count_nonzero(fin[:w]))
+        step(xs, out[lo:lo + xs.size], fin, alpha, mode, head, buf)
+        buf.count += int(np.count_nonzero(fin))
         if reached < 0 and buf.count >= need:
-            reached = lo + int(np.flatnonzero(fin[:w])[need - before - 1])
-        lo += w
+            reached = lo + int(np.flatnonzero(fin)[need - before - 1])
     out[start:n if reached < 0 else reached] = np.nan
 
 
 def _weighted(xs: F64, ys: F64, fin: npt.NDArray[np.bool_], alpha: float, mode: str,
-              head: _Head, st: _Slab) -> int:
+              head: _Head, st: _Slab) -> None:
     """``ignore_na=False`` with ``adjust=True`` or ``debias=False``: ``S / W`` by position."""
     beta, ref, w = 1.0 - alpha, st.ref, xs.size
     missing = np.flatnonzero(np.logical_not(fin, out=st.miss[:w]))
@@ -209,17 +207,16 @@ def _weighted(xs: F64, ys: F64, fin: npt.NDArray[np.bool_], alpha: float, mode: 
         fill_forward(ys, missing, first, length, before=st.last)
         st.s0, st.w0 = float(s[0, -1]), float(s[1, -1])
     st.last = float(ys[-1])
-    return w
 
 
 def _packed(xs: F64, ys: F64, fin: npt.NDArray[np.bool_], alpha: float, mode: str,
-            head: _Head, st: _Slab) -> int:
+            head: _Head, st: _Slab) -> None:
     """``ignore_na=True``: the dense recurrence on the slab's observations, unpacked after."""
     beta, ref, w = 1.0 - alpha, st.ref, xs.size
     k = int(np.count_nonzero(fin))
     if k == 0:
         ys[:] = st.last
-        return w
+        return
     packed = st.u[:k + 1]  # packed[0]: the output before a leading gap
     obs = ys if k == w else packed[1:]
     if k < w:
@@ -246,11 +243,10 @@ def _packed(xs: F64, ys: F64, fin: npt.NDArray[np.bool_], alpha: float, mode: st
         packed[0] = st.last
         np.take(packed, np.cumsum(fin, out=st.index[:w]), out=ys, mode="wrap")
     st.last = float(ys[-1])
-    return w
 
 
 def _gaps_first(xs: F64, ys: F64, fin: npt.NDArray[np.bool_], alpha: float, mode: str,
-                head: _Head, st: _Slab) -> int:
+                head: _Head, st: _Slab) -> None:
     """``adjust=False``, ``ignore_na=False``: the mean carried as ``beta^j y`` over gaps."""
     w = xs.size
     missing = np.flatnonzero(np.logical_not(fin, out=st.miss[:w]))
@@ -277,7 +273,6 @@ def _gaps_first(xs: F64, ys: F64, fin: npt.NDArray[np.bool_], alpha: float, mode
     else:
         st.gap = 0
     st.last = float(ys[-1])
-    return w
 
 
 def _scaled_scan(u: F64, resume: Index, q: F64, alpha: float, st: _Slab, out: F64) -> F64:
