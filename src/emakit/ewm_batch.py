@@ -29,6 +29,7 @@ from emakit.scan import scan_const, scan_general
 __all__ = ["ewm_rows"]
 
 F64 = npt.NDArray[np.float64]
+_BLOCK = 64  # short rows: one 64 x 64 product per row block (measured faster than 8 here)
 
 
 def _dense(x: F64, alpha: float, mode: str, gaps: F64 | None) -> F64:
@@ -42,12 +43,12 @@ def _dense(x: F64, alpha: float, mode: str, gaps: F64 | None) -> F64:
     if mode == "first":  # adjust=False: z_0 = 0, z_t = c_t z_(t-1) + (1 - c_t) x_t
         if gaps is None:
             z *= alpha
-            return np.asarray(scan_const(z, beta) + ref, dtype=np.float64)
+            return np.asarray(scan_const(z, beta, block=_BLOCK) + ref, dtype=np.float64)
         old = beta**gaps
         c = old / (old + alpha)
         c[:, 0] = 0.0
         return np.asarray(scan_general(c, (1.0 - c) * z) + ref, dtype=np.float64)
-    s = scan_const(z, beta)
+    s = scan_const(z, beta, block=_BLOCK)
     # sum_(i<=t) beta^(t-i) = (1 - beta^(t+1)) / alpha; it is 1/alpha to the last bit once
     # beta^(t+1) < 2^-60, so only that head is divided, the rest multiplied.
     head = n if beta == 0.0 else min(n, math.ceil(-60 * math.log(2.0) / math.log(beta)) + 1)
@@ -117,8 +118,8 @@ def ewm_rows(x: F64, alpha: float, mode: str, ignore_na: bool, minp: int) -> F64
         # adjust=True (or debias) with weights by absolute position: masked sums, filled forward.
         beta = 1.0 - alpha
         ref = first[:, None]
-        s = scan_const(np.where(observed, x - ref, 0.0), beta)
-        w = scan_const(observed.astype(np.float64), beta)
+        s = scan_const(np.where(observed, x - ref, 0.0), beta, block=_BLOCK)
+        w = scan_const(observed.astype(np.float64), beta, block=_BLOCK)
         with np.errstate(invalid="ignore", divide="ignore"):
             full = alpha * (s + ref * w) if mode == "zeros" else s / w + ref
         last = np.maximum.accumulate(np.where(observed, np.arange(n, dtype=index), 0), axis=1)
