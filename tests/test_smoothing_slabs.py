@@ -260,6 +260,17 @@ def test_adjust_false_at_the_smallest_alpha():
                  loop_ewm(x, a, "adjusted", False), rtol=1e-11)
 
 
+def test_rows_share_buffers_but_not_state():
+    # one call, several series of one length: each row as if alone (state reset per row)
+    rows = np.stack([series(3000, p) for p in ("runs", "all", "edges", "sparse")])
+    rows[3] *= 1e-300  # a tiny row after ordinary ones: its own power-of-two scaling
+    for mode, ignore_na in itertools.product(MODES, [False, True]):
+        out = np.empty_like(rows)
+        ewm_series(rows, out, 0.2, mode, ignore_na, 3, slab=256)
+        for row, got in zip(rows, out):
+            assert_close(got, loop_ewm(row, 0.2, mode, ignore_na, 3))
+
+
 # ----------------------------------------------------------------- through the public ewm
 @pytest.mark.parametrize("axis", [0, 1, -1])
 def test_long_nd_series_along_each_axis(axis):

@@ -64,9 +64,9 @@ class _Head:
 
 
 class _Slab:
-    """One slab's view of the series and of the buffers, and the state carried across slabs."""
+    """The buffers a slab works in, and the state carried from one slab to the next."""
 
-    def __init__(self, size: int, ref: float, alpha: float) -> None:
+    def __init__(self, size: int, alpha: float) -> None:
         self.fin = np.empty(size, dtype=bool)
         self.miss = np.empty(size + 1, dtype=bool)
         self.index = np.empty(size + 1, dtype=np.intp)
@@ -76,6 +76,10 @@ class _Slab:
         self.alpha = alpha
         self.decay = np.empty(0)  # beta^g for gaps g, filled when first needed
         self.work = np.empty(2 * (2 * size // 8 + 8))
+        self.reset(0.0)
+
+    def reset(self, ref: float) -> None:
+        """The state before a series whose first observed value is ``ref``."""
         self.ref = ref
         self.s0 = 0.0  # the numerator (or the mean, adjust=False) in units of x - ref
         self.w0 = 0.0  # the weight sum W (ignore_na=False, adjust=True / debias=False)
@@ -122,11 +126,12 @@ def _first_observed(x: F64, slab: int) -> int:
 
 def ewm_series(x: F64, out: F64, alpha: float, mode: str, ignore_na: bool, min_periods: int, *,
                slab: int = SLAB) -> None:
-    """Write the EMA of the 1-D series ``x`` into ``out`` (same length), slab by slab.
+    """Write the EMA of the series ``x`` into ``out``, slab by slab.
 
     Args:
-        x: the series (float64, 1-D); NaN and +-inf are missing values.
-        out: where the result goes (float64, 1-D, the length of ``x``; may not overlap ``x``).
+        x: the series (float64, 1-D), or several as the rows of a 2-D array (one set of buffers
+            serves them all, one after the other); NaN and +-inf are missing values.
+        out: where the result goes (float64, C-contiguous, the shape of ``x``; not overlapping it).
         alpha: the smoothing factor in (0, 1].
         mode: ``"adjusted"`` (pandas' ``adjust=True``), ``"zeros"`` (``debias=False``) or
             ``"first"`` (``adjust=False``); ``alpha == 1`` needs ``"first"``.
@@ -148,14 +153,26 @@ def ewm_series(x: F64, out: F64, alpha: float, mode: str, ignore_na: bool, min_p
         raise ValueError(f"slab must be a positive multiple of 8, got {slab}.")
     if mode != "first" and alpha == 1.0:
         raise ValueError(f"alpha=1 needs mode 'first', got mode {mode!r}.")
+    n = x.shape[-1]
+    if n == 0:
+        return
+    rows, outs = x.reshape(-1, n), out.reshape(-1, n)
+    step: Step = _packed if ignore_na else (_gaps_first if mode == "first" else _weighted)
+    head = _Head(alpha, n if ignore_na else min(n, slab))
+    buf = _Slab(min(slab, n), alpha)
+    for row, res in zip(rows, outs):
+        _one_series(row, res, alpha, mode, min_periods, slab, step, head, buf)
+
+
+def _one_series(x: F64, out: F64, alpha: float, mode: str, min_periods: int, slab: int,
+                step: Step, head: _Head, buf: _Slab) -> None:
+    """:func:`ewm_series` of one 1-D series."""
     n = x.size
     start = _first_observed(x, slab)
     out[:start] = np.nan
     if start == n:
         return
-    step: Step = _packed if ignore_na else (_gaps_first if mode == "first" else _weighted)
-    head = _Head(alpha, n if ignore_na else min(n, slab))
-    buf = _Slab(min(slab, n - start), float(x[start]), alpha)
+    buf.reset(float(x[start]))
     need = max(min_periods, 1)
     reached = start if need == 1 else -1
     for lo in range(start, n, slab):

@@ -48,7 +48,7 @@ from emakit.ewm_slabs import ewm_series
 
 __all__ = ["alpha_from", "ewm"]
 
-_LONG = 1 << 12  # series at least this long go one by one through emakit.ewm_slabs
+_LONG = 1 << 12  # series at least this long go through emakit.ewm_slabs, one after the other
 _MIN_ALPHA = 2.0**-53  # the smallest alpha with 1 - alpha != 1 in float64 (rounding to even)
 F64 = npt.NDArray[np.float64]
 
@@ -186,8 +186,7 @@ def ewm(
     m, n = rows.shape
     if n >= _LONG:
         out = np.empty((m, n))
-        for i in range(m):
-            ewm_series(rows[i], out[i], a, mode, bool(ignore_na), int(min_periods))
+        ewm_series(rows, out, a, mode, bool(ignore_na), int(min_periods))
     else:
         out = ewm_rows(rows, a, mode, bool(ignore_na), int(min_periods))
     return np.moveaxis(out.reshape(moved.shape), -1, axis)
