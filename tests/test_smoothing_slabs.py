@@ -343,3 +343,11 @@ def test_adjust_false_with_few_gaps_and_tiny_values():
         x[start:start + 20_000] = np.nan
     got = run_series(x, 1e-3, "first", False)
     assert_close(got, loop_ewm(x, 1e-3, "first", False))
+
+
+@pytest.mark.parametrize(("n", "slab"), [(1 << 17, 1 << 17), (5000, 2048), (4097, 1024)])
+def test_adjust_false_rows_end_where_a_slab_ends(n, slab):
+    # R restarts in rows of 1024 (alternating gaps, alpha = 0.6); slabs that are whole rows
+    x = series(n, "alternate")
+    got = run_series(x, 0.6, "first", False, slab=slab)
+    assert_close(got, loop_ewm(x, 0.6, "first", False))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -75,6 +76,7 @@ class _Slab:
         self.r = np.empty(size + 1)
         self.alpha = alpha
         self.decay = np.empty(0)  # beta^g for gaps g, filled when first needed
+        self.rows = np.empty(0, dtype=np.intp)  # arange // 1024, filled when first needed
         self.work = np.empty(2 * (2 * size // 8 + 8))
         self.reset(0.0)
 
@@ -94,6 +96,12 @@ class _Slab:
         return scan_const(u, beta, np.array(init), gain=gain,
                           out=self.s[:m * w].reshape(m, w) if out is None else out,
                           work=self.work)
+
+    def row_of(self, size: int) -> Index:
+        """``arange(size) // 1024``, kept."""
+        if self.rows.size < size:
+            self.rows = np.arange(size) // _ROW
+        return self.rows[:size]
 
     def gap_weight(self, gaps: Index) -> F64:
         """``beta^g + alpha`` for the gap lengths ``g``, ``beta^g`` as pandas makes it (``g``
@@ -306,7 +314,7 @@ def _scaled_scan(u: F64, resume: Index, q: F64, alpha: float, st: _Slab, out: F6
         st.scan(u.reshape(1, w), beta, [st.s0], gain=alpha, out=out.reshape(1, w))
         return out
     with np.errstate(over="ignore"):  # an overflow means rows, below
-        scale = np.cumprod(1.0 / q)  # R after each gap's observation
+        scale = np.cumprod(np.append(1.0, 1.0 / q))  # R before the gaps, after each one's end
     rows = 1 if scale[-1] <= 2.0**_MAX_SCALE_LOG2 else -(-w // _ROW)
     if rows > 1:
         scale, last = _row_products(1.0 / q, resume // _ROW, rows)
@@ -320,20 +328,15 @@ def _scaled_scan(u: F64, resume: Index, q: F64, alpha: float, st: _Slab, out: F6
         init *= unit
     # R_(t-1), the product of 1/q over the gaps ended before t (since its row began), for
     # t = 0 .. w: dividing by it also divides each gap's observation by its q.
-    count = st.index[:w + 1]  # (the output's memory is still free: its first w go here)
-    if rows == 1:
-        mark = st.miss[:w + 1]
-        mark[:] = False
-        mark[resume + 1] = True
-        np.cumsum(mark, out=count)
-    else:  # and restarts at the rows' first samples (after a gap ending just before one)
-        events = np.concatenate([resume + 1, np.arange(1, rows) * _ROW])
-        scale = np.concatenate([scale, np.ones(rows - 1)])[np.argsort(events, kind="stable")]
-        count[:] = 0
-        np.add.at(count, events, 1)
-        np.cumsum(count, out=count)
+    count = st.index[:w + 1]  # gaps ended before t (the output's memory is free: w go there)
+    mark = st.miss[:w + 1]
+    mark[:] = False
+    mark[resume + 1] = True
+    np.cumsum(mark, out=count)
+    if rows > 1:  # row r's table starts with a 1: r more entries before it than gaps
+        count += st.row_of(w + 1)
     prev = st.r[:w + 1]
-    np.take(np.append(1.0, scale), count, out=prev, mode="wrap")
+    np.take(scale, count, out=prev, mode="wrap")
     u /= prev[:w]
     s = out
     if rows == 1:
@@ -341,13 +344,14 @@ def _scaled_scan(u: F64, resume: Index, q: F64, alpha: float, st: _Slab, out: F6
     else:
         v = st.u[:rows * _ROW].reshape(rows, _ROW)  # u, padded with zeros to whole rows
         v.reshape(-1)[w:] = 0.0
-        tails = (v @ (alpha * beta ** np.arange(_ROW - 1, -1, -1.0))) * last
+        tails = (v @ _row_tail(alpha)) * last
         decay = beta**_ROW * last
         carry = [init]
         for r in range(rows - 1):
             carry.append(decay[r] * carry[-1] + tails[r])
         s[...] = st.scan(v, beta, carry, gain=alpha).reshape(-1)[:w]
-        s[_ROW - 1:rows * _ROW - 1:_ROW] *= last[:-1]  # the row ends (prev there is a restart)
+        ends = s[_ROW - 1::_ROW]  # the rows' last samples: prev just after is a restart (a 1)
+        ends *= last[:ends.size]
     s *= prev[1:]
     if unit != 1.0:
         s /= unit
@@ -355,10 +359,25 @@ def _scaled_scan(u: F64, resume: Index, q: F64, alpha: float, st: _Slab, out: F6
 
 
 def _row_products(f: F64, row: Index, rows: int) -> tuple[F64, F64]:
-    """The running product of ``f`` within each row (``row`` sorted), and each row's total."""
+    """Per row (``row`` sorted): a 1, then the running product of its ``f``; and the totals.
+
+    The table of row ``r`` starts at ``r`` plus the number of ``f`` in the rows before it.
+    """
+    k = np.arange(row.size)
     counts = np.bincount(row, minlength=rows)
-    rank = np.arange(row.size) - (np.cumsum(counts) - counts)[row]
-    grid = np.ones((rows, int(counts.max())))
-    grid[row, rank] = f
+    width = int(counts.max()) + 1
+    at = row * width + k - (np.cumsum(counts) - counts)[row] + 1  # (row, rank + 1), flat
+    grid = np.ones((rows, width))
+    grid.reshape(-1)[at] = f
     np.cumprod(grid, axis=1, out=grid)
-    return grid[row, rank], grid[:, -1].copy()
+    table = np.ones(row.size + rows + 1)  # (+1: the restart after a slab of whole rows)
+    table[k + row + 1] = grid.reshape(-1)[at]
+    return table, grid[:, -1].copy()
+
+
+@lru_cache(maxsize=64)
+def _row_tail(alpha: float) -> F64:
+    """``alpha * beta^(_ROW-1-i)``: a row's end, from zero, is ``v_row @ _row_tail(alpha)``."""
+    tail = alpha * (1.0 - alpha) ** np.arange(_ROW - 1, -1, -1.0)
+    tail.setflags(write=False)
+    return tail
