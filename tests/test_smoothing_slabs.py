@@ -272,9 +272,9 @@ def test_rows_share_buffers_but_not_state():
 
 
 # ----------------------------------------------------------------- through the public ewm
-@pytest.mark.parametrize("axis", [0, 1, -1])
-def test_long_nd_series_along_each_axis(axis):
-    shape = [3, 3]
+@pytest.mark.parametrize(("ndim", "axis"), [(2, 0), (2, 1), (2, -1), (3, 0), (3, 1), (3, 2)])
+def test_long_nd_series_along_each_axis(ndim, axis):
+    shape = [3, 2, 2][:ndim]
     shape[axis] = 4500
     x = RNG.standard_normal(shape) + 5.0
     x[RNG.random(x.shape) < 0.15] = np.nan
