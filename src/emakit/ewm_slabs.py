@@ -139,7 +139,7 @@ def ewm_series(x: F64, out: F64, alpha: float, mode: str, ignore_na: bool, min_p
     Args:
         x: the series (float64, 1-D), or several as the rows of a 2-D array (one set of buffers
             serves them all, one after the other); NaN and +-inf are missing values.
-        out: where the result goes (float64, C-contiguous, the shape of ``x``; not overlapping it).
+        out: where the result goes (float64, the shape of ``x``, not overlapping it).
         alpha: the smoothing factor in (0, 1].
         mode: ``"adjusted"`` (pandas' ``adjust=True``), ``"zeros"`` (``debias=False``) or
             ``"first"`` (``adjust=False``); ``alpha == 1`` needs ``"first"``.
@@ -164,7 +164,7 @@ def ewm_series(x: F64, out: F64, alpha: float, mode: str, ignore_na: bool, min_p
     n = x.shape[-1]
     if n == 0:
         return
-    rows, outs = x.reshape(-1, n), out.reshape(-1, n)
+    rows, outs = (x, out) if x.ndim == 2 else (x[None, :], out[None, :])
     step: Step = _packed if ignore_na else (_gaps_first if mode == "first" else _weighted)
     head = _Head(alpha, n if ignore_na else min(n, slab))
     buf = _Slab(min(slab, n), alpha)
