@@ -51,17 +51,27 @@ _ROW = 1024  # R restarts this often when a slab's product is too large (adjust=
 
 
 class _Head:
-    """``beta^(k+1)`` and ``(1 - beta^(k+1)) / alpha`` for the ``k`` where the first is >= 2^-60."""
+    """``beta^(k+1)`` and ``(1 - beta^(k+1)) / alpha`` for the ``k`` where the first is >= 2^-60
+    (``limit`` of them; the first ``size`` kept, the rest made when asked for)."""
 
     def __init__(self, alpha: float, size: int) -> None:
         beta = 1.0 - alpha
-        n = size if beta == 0.0 else min(size, math.ceil(-60 * math.log(2.0) / math.log(beta)) + 1)
-        t = np.arange(1, n + 1, dtype=np.float64)
+        self.log_beta = math.log(beta) if beta > 0.0 else -math.inf
+        self.limit = size if beta == 0.0 else math.ceil(-60 * math.log(2.0) / self.log_beta) + 1
+        n = min(size, self.limit)
         self.size = n
         self.decay = np.cumprod(np.full(n, beta))  # beta^t as pandas' old_wt: t products
-        # sum_(j<t) beta^j, accurate where 1 - beta^t cancels (expm1)
-        self.weight = np.ones(n) if beta == 0.0 else np.expm1(t * math.log(beta)) / math.expm1(
-            math.log(beta))
+        self.weight = self.weight_at(0, n, kept=False)
+
+    def weight_at(self, start: int, count: int, *, kept: bool = True) -> F64:
+        """``sum_(j<t) beta^j`` for ``t = start + 1 .. start + count`` (accurate where
+        ``1 - beta^t`` cancels: ``expm1``)."""
+        if kept and start + count <= self.size:
+            return self.weight[start:start + count]
+        if self.log_beta == -math.inf:
+            return np.ones(count)
+        t = np.arange(start + 1, start + count + 1, dtype=np.float64)
+        return np.expm1(t * self.log_beta) / math.expm1(self.log_beta)
 
 
 class _Slab:
@@ -166,7 +176,7 @@ def ewm_series(x: F64, out: F64, alpha: float, mode: str, ignore_na: bool, min_p
         return
     rows, outs = (x, out) if x.ndim == 2 else (x[None, :], out[None, :])
     step: Step = _packed if ignore_na else (_gaps_first if mode == "first" else _weighted)
-    head = _Head(alpha, n if ignore_na else min(n, slab))
+    head = _Head(alpha, min(n, slab))
     buf = _Slab(min(slab, n), alpha)
     for row, res in zip(rows, outs):
         _one_series(row, res, alpha, mode, min_periods, slab, step, head, buf)
@@ -254,8 +264,8 @@ def _packed(xs: F64, ys: F64, fin: npt.NDArray[np.bool_], alpha: float, mode: st
     if mode == "first":
         np.add(s, ref, out=obs)
     else:
-        h = min(max(head.size - st.count, 0), k)
-        wt = head.weight[st.count:st.count + h]
+        h = min(max(head.limit - st.count, 0), k)
+        wt = head.weight_at(st.count, h)
         if mode == "adjusted":
             np.divide(s[:h], wt, out=obs[:h])
         else:
