@@ -17,6 +17,9 @@ It resumes from the last complete checkpoint in DIR when there is one, prints ``
   replaced atomically through :func:`emakit.io.atomic_path`.
 - ``--mode overwrite``: rewrites one large ``emakit.save`` file over and over (shadows all equal
   to the iteration number), to be killed mid-write.
+- ``--pause-at N``: in save ``N`` (step or iteration), the first atomic replace prints
+  ``mid-write N`` and waits instead of renaming: the temporary is written and the old file is
+  still in place, so a kill there lands inside a write whatever the machine's load.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +36,24 @@ from torch import nn
 
 import emakit
 from emakit.io import atomic_path
+
+
+def pause_in_writes(at: int) -> list[int]:
+    """Make the first ``os.replace`` of save ``at`` stop before renaming; returns the save counter.
+
+    The caller sets ``counter[0]`` to the number of the save in progress.
+    """
+    counter = [0]
+    replace = os.replace
+
+    def paused(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if counter[0] == at:
+            print(f"mid-write {at}", flush=True)
+            time.sleep(600)  # the test kills us here
+        replace(src, dst)
+
+    os.replace = paused  # type: ignore[assignment]
+    return counter
 
 
 def build() -> tuple[nn.Module, torch.optim.Optimizer, emakit.EMA]:
@@ -103,12 +125,13 @@ def resume(mode: str, folder: Path, model: nn.Module, opt: torch.optim.Optimizer
     return int(state["step"])
 
 
-def overwrite(folder: Path, steps: int) -> None:
+def overwrite(folder: Path, steps: int, counter: list[int]) -> None:
     weights = {"w": torch.zeros(2_000_000)}
     ema = emakit.EMA(weights, decay=0.0)
     for i in range(1, steps + 1):
         weights["w"].fill_(float(i))
         ema.update()
+        counter[0] = i
         print(f"save-begin {i}", flush=True)
         emakit.save(ema, folder / "big.safetensors")
         print(f"save-end {i}", flush=True)
@@ -120,11 +143,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--save-every", type=int, default=5)
     parser.add_argument("--mode", choices=("emakit", "torch", "overwrite"), default="emakit")
+    parser.add_argument("--pause-at", type=int, default=-1)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
+    counter = pause_in_writes(args.pause_at)
     if args.mode == "overwrite":
-        overwrite(args.folder, args.steps)
+        overwrite(args.folder, args.steps, counter)
         return
     model, opt, ema = build()
     start = resume(args.mode, args.folder, model, opt, ema)
@@ -134,6 +159,7 @@ def main() -> None:
         ema.update()
         print(f"step {t}", flush=True)
         if t % args.save_every == 0:
+            counter[0] = t
             print(f"save-begin {t}", flush=True)
             save(args.mode, args.folder, t, model, opt, ema)
             print(f"save-end {t}", flush=True)
