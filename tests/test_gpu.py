@@ -1,5 +1,7 @@
 """CUDA checks: run on a machine with a GPU (the device tool), skipped cleanly elsewhere."""
 
+import warnings
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -46,10 +48,57 @@ def test_fast_path_equals_loop_on_cuda():
 
 def test_update_does_not_synchronise_on_cuda():
     src = cuda_source(0)
-    for guard in (False, True):
-        ema = emakit.EMA(src, decay=0.99, policy=emakit.Policy(nonfinite="skip" if guard else "average"))
-        ema.update()  # first update builds the plan
-        update_without_sync(ema)
+    ema = emakit.EMA(src, decay=0.99)
+    ema.update()  # first update builds the plan
+    update_without_sync(ema)
+
+
+def test_guarded_update_reads_back_one_value_per_update_on_cuda():
+    """Policy(nonfinite="skip") reads the weights' peak back once per update (one sync), no more."""
+    src = cuda_source(0)
+    ema = emakit.EMA(src, decay=0.99, policy=emakit.Policy(nonfinite="skip"))
+    ema.update()  # builds the plan and reads the shadows' bound once
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(3):
+                ema.update()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in seen if "synchroniz" in str(w.message).lower()]
+    assert 1 <= len(syncs) <= 3, [str(w.message) for w in syncs]
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_guard_on_cuda_skips_exactly_the_tensors_a_per_tensor_check_skips(flat):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.BatchNorm1d(32),
+                                torch.nn.Linear(32, 4)).cuda().bfloat16()
+    if flat:
+        emakit.flatten_parameters(model)
+    ema = emakit.EMA(model, decay=0.9, dtype=torch.float32,
+                     policy=emakit.Policy(nonfinite="skip"))
+    want = {k: v.clone() for k, v in ema.averaged().items()}
+    skips = dict.fromkeys(want, 0)
+    params = dict(model.named_parameters())
+    for i in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * (i + 1))
+            bad = {2: float("nan"), 4: float("inf")}
+            params["2.weight"][0, 0] = bad.get(i, 0.5)
+        ema.update()
+        for name, p in params.items():
+            new = torch.lerp(want[name], p.detach().float(), 1.0 - 0.9)
+            if bool(torch.isfinite(new).all()):
+                want[name] = new
+            else:
+                skips[name] += 1
+    for name in params:
+        assert torch.equal(ema.averaged()[name], want[name]), name
+    assert ema.nonfinite_skips()["2.weight"] == skips["2.weight"] == 2
 
 
 def test_cpu_offloaded_shadow_of_cuda_model_swaps_and_restores_bitwise():
