@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -313,9 +316,67 @@ def ddp_and_compiled_names(rank: int, world: int, tmp: Path) -> None:
     assert emakit.EMA(compiled).names == emakit.EMA(make_model(12)).names
 
 
+def posthoc_recording_of_a_sharded_model(rank: int, world: int, tmp: Path) -> None:
+    """Snapshots of an FSDP2 model: every rank records, rank 0 writes one set of files and one
+    manifest; a resume from the state continues the same recording; synthesis in one process
+    equals the synthesis from a single-process recording of the gathered trajectory."""
+    from emakit.posthoc import Snapshots, synthesize
+
+    model = shard(make_model(14))
+    weights = snapshot(model)
+    rec = Snapshots(model, tmp / "sharded", snapshot_every=2)
+    ref = Snapshots(weights, tmp / f"plain-{rank}", snapshot_every=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for t in range(1, 5):
+        step(model, opt, t)
+        rec.update()
+        for name, value in snapshot(model).items():
+            weights[name].copy_(value)
+        ref.update()
+    saved = copy.deepcopy(rec.state_dict())  # the live shadows go on changing
+    for t in range(5, 7):  # steps a resumed run will redo
+        step(model, opt, t)
+        rec.update()
+        snapshot(model)
+    dist.barrier()
+    again = Snapshots(model, tmp / "sharded", snapshot_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "dropped 2 snapshot files after step 4"
+        again.load_state_dict(saved)
+    for t in range(5, 9):
+        step(model, opt, t)
+        again.update()
+        for name, value in snapshot(model).items():
+            weights[name].copy_(value)
+        ref.update()
+    dist.barrier()
+    assert [(e.step, e.sigma_rel) for e in again.entries()] == \
+        [(e.step, e.sigma_rel) for e in ref.entries()]
+    assert sorted(p.name for p in (tmp / "sharded").iterdir()) == \
+        sorted(p.name for p in (tmp / f"plain-{rank}").iterdir())
+    from safetensors.torch import load_file
+
+    for f in sorted((tmp / f"plain-{rank}").glob("*.safetensors")):
+        got, want = load_file(tmp / "sharded" / f.name), load_file(f)
+        assert got.keys() == want.keys(), f.name
+        assert all(torch.equal(got[k], want[k]) for k in want), f.name
+    for sigma_rel in (0.05, 0.07):  # a recorded width, and one between (8 steps: forced)
+        got = synthesize(tmp / "sharded", sigma_rel=sigma_rel, max_profile_error=1.0)
+        want = synthesize(tmp / f"plain-{rank}", sigma_rel=sigma_rel, max_profile_error=1.0)
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(torch.as_tensor(got[name]), torch.as_tensor(want[name])), name
+    # rank 0 reads the folder and finds another recording: every rank raises, none waits
+    other = Snapshots(model, tmp / "sharded", snapshot_every=2)
+    step(model, opt, 9)
+    with pytest.raises(ValueError, match="another recording"):
+        other.update()
+
+
 TWO_RANKS = ["update_is_local_and_bitwise", "options_schedules_every_and_multi",
              "bf16_mixed_precision_and_2d_mesh", "mixed_sharded_and_plain_and_flatten",
-             "verbs_on_shards", "files_and_distributed_checkpoints", "ddp_and_compiled_names"]
+             "verbs_on_shards", "files_and_distributed_checkpoints", "ddp_and_compiled_names",
+             "posthoc_recording_of_a_sharded_model"]
 
 
 # ------------------------------------------------------------------ one rank, after two

@@ -27,9 +27,9 @@ import os
 import re
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from emakit.errors import EMAWarning, StateDictError
 from emakit.hooks import Attachment, hookable
@@ -39,6 +39,7 @@ from emakit.schedules import PowerFunction
 
 __all__ = ["Snapshots"]
 
+T = TypeVar("T")
 _KIND = "posthoc-snapshots"
 _VERSION = 1
 _NARROW = ("float16", "bfloat16", "half", "float8")
@@ -59,6 +60,22 @@ def _start(start: object) -> int:
             f"{start!r}. A power-function EMA needs no zero start: its first decay is 0, so "
             "it starts at the first weights it sees.")
     return int(start)
+
+
+def _sharded(emas: MultiEMA) -> bool:
+    """Whether the averaged model is sharded (every rank then records, rank 0 writes)."""
+    from emakit.distributed.gather import has_shards
+
+    return has_shards(emas[0].state_dict()["shadows"])
+
+
+def _once(fn: Callable[[], T], collective: bool) -> T:
+    """``fn()``; for a sharded model run on rank 0 and its outcome given to every rank."""
+    if not collective:
+        return fn()
+    from emakit.distributed.agree import from_rank0
+
+    return from_rank0(fn, collective=True)
 
 
 class Snapshots:
@@ -119,7 +136,8 @@ class Snapshots:
         self._dir = folder
         self._sigma_rels = tuple(float(s) for s in sigma_rels)
         self._gammas = tuple(gammas)
-        self._run = uuid.uuid4().hex
+        self._collective = _sharded(self._emas)
+        self._run = _once(lambda: uuid.uuid4().hex, self._collective)
         self._next = (first // self._snapshot_every + 1) * self._snapshot_every
         self._entries: list[Entry] | None = None  # the manifest, once checked
         self._attachment: Attachment | None = None
@@ -254,7 +272,8 @@ class Snapshots:
     # -------------------------------------------------------------------------------- files
     def _checked_entries(self) -> list[Entry]:
         if self._entries is None:
-            found = self._read(self._run)
+            run = self._run
+            found = _once(lambda: self._read(run), self._collective)
             self._entries = list(found.entries) if found else []
         return self._entries
 
@@ -285,19 +304,30 @@ class Snapshots:
         from emakit.io.checkpoint import HEADER_CRC_KEY
 
         entries = self._checked_entries()
-        new = []
-        for k, ema in enumerate(self._emas):
-            path = self._dir / file_name(step, k)
-            emakit.save(ema, path, metadata={"posthoc.run": self._run,
-                                             "posthoc.sigma_rel": repr(self._sigma_rels[k])})
-            with safetensors.safe_open(str(path), framework="np") as f:
-                crc = (f.metadata() or {})[HEADER_CRC_KEY]
-            new.append(Entry(step, self._sigma_rels[k], self._gammas[k], path.name,
-                             path.stat().st_size, crc))
-        listed = [e for e in entries if e.step != step] + new
-        write_manifest(self._dir, self._manifest(listed))
-        self._entries = listed
+        paths = [self._dir / file_name(step, k) for k in range(len(self._sigma_rels))]
+        for k, ema in enumerate(self._emas):  # a collective for a sharded model: rank 0 writes
+            emakit.save(ema, paths[k], metadata={"posthoc.run": self._run,
+                                                 "posthoc.sigma_rel": repr(self._sigma_rels[k])})
+
+        def listed() -> list[Entry]:  # rank 0 only for a sharded model: it holds the files
+            new = []
+            for k, path in enumerate(paths):
+                with safetensors.safe_open(str(path), framework="np") as f:
+                    crc = (f.metadata() or {})[HEADER_CRC_KEY]
+                new.append(Entry(step, self._sigma_rels[k], self._gammas[k], path.name,
+                                 path.stat().st_size, crc))
+            out = [e for e in entries if e.step != step] + new
+            write_manifest(self._dir, self._manifest(out))
+            return out
+
+        self._entries = _once(listed, self._collective)
         self._next = (step // self._snapshot_every + 1) * self._snapshot_every
+
+    def _drop(self, stale: list[Entry]) -> None:
+        """List only the kept entries, then delete the files of ``stale`` ones."""
+        write_manifest(self._dir, self._manifest(self._entries or []))
+        for e in stale:
+            (self._dir / e.file).unlink(missing_ok=True)
 
     def _manifest(self, entries: list[Entry]) -> Manifest:
         return Manifest(self._run, self._sigma_rels, self._gammas, self._snapshot_every,
@@ -353,7 +383,7 @@ class Snapshots:
                 raise StateDictError(f"state key {key!r} must be an int >= 0, got {value!r}",
                                      fix="The state is corrupt.")
         written = int(written)  # type: ignore[arg-type]  # checked above
-        found = self._read(run)
+        found = _once(lambda: self._read(run), self._collective)
         self._emas.load_state_dict(state.get("emas", {}))  # all or nothing
         step = self._emas.step
         entries = list(found.entries) if found else []
@@ -365,9 +395,7 @@ class Snapshots:
                           f"Snapshots use {self._snapshot_every} from step {due} on.",
                           EMAWarning, stacklevel=2)
         if stale:
-            write_manifest(self._dir, self._manifest(self._entries))
-            for e in stale:
-                (self._dir / e.file).unlink(missing_ok=True)
+            _once(lambda: self._drop(stale), self._collective)
             warnings.warn(
                 f"dropped {len(stale)} snapshot files after step {step} (steps "
                 f"{min(e.step for e in stale)}-{max(e.step for e in stale)}) from "
