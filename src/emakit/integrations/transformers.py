@@ -26,7 +26,9 @@ What it does at each event (``docs/integrations/transformers.md``):
   processor), so ``from_pretrained`` loads it.
 
 Under DDP every process keeps the same EMA of its replica (the weights are equal after each
-step); only the main process writes files.
+step); only the main process writes files. Under FSDP2 (DTensor parameters) each process keeps
+the EMA of its shards, and every write is a collective that all processes join: the tensors are
+gathered one at a time and the main process writes them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from emakit.best import KeepBest
+from emakit.distributed.gather import has_shards
 from emakit.ema import EMA
 from emakit.errors import EMAWarning
 from emakit.integrations.options import EVAL_ON, check_options
@@ -106,6 +109,32 @@ def _save_pretrained(model: Any, processing: Any, tensors: dict[str, Any] | None
         shutil.rmtree(new, ignore_errors=True)
 
 
+def _write_model(model: Any, processing: Any, tensors: dict[str, Any], dest: Path,
+                 should_save: bool) -> None:
+    """:func:`_save_pretrained` by the process that saves; for a sharded model's state (DTensors)
+    a collective: every process gathers, one tensor at a time, and the saving one writes."""
+    if not has_shards(tensors):
+        if should_save:
+            _save_pretrained(model, processing, tensors, dest)
+        return
+    from emakit.distributed.gather import gathered
+
+    def write(full: dict[str, Any]) -> None:
+        if should_save:
+            _save_pretrained(model, processing, full, dest)
+
+    gathered(tensors, write)
+
+
+def _main_says(question: Callable[[], bool], sharded: bool) -> bool:
+    """``question()``, asked once by rank 0 for every rank when the model is sharded."""
+    if not sharded:
+        return question()
+    from emakit.distributed.agree import from_rank0
+
+    return from_rank0(question, collective=True)
+
+
 class EMACallback(TrainerCallback):
     """Keep an emakit EMA of a ``Trainer``'s model; evaluate, checkpoint and save it.
 
@@ -159,6 +188,7 @@ class EMACallback(TrainerCallback):
         self._trainer: weakref.ref[Trainer] | None = None
         self._resume: str | bool | None = None
         self._metric = "eval_loss"
+        self._sharded = False  # FSDP2 / DTensor model: every write is a collective
 
     def __repr__(self) -> str:
         return (f"EMACallback(eval_on={self.eval_on!r}, save_best={self.save_best!r}, "
@@ -243,6 +273,7 @@ class EMACallback(TrainerCallback):
         if model is None:
             raise ValueError("EMACallback.on_train_begin got no model; the Trainer passes it.")
         ema = EMA(model, start=state.global_step, **self._options)
+        self._sharded = has_shards(ema.state_dict()["shadows"])
         self.keep_best = self._keep_best(args, ema)
         resume, self._resume = self._resume, None
         if state.global_step > 0:
@@ -289,10 +320,10 @@ class EMACallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Write the EMA into the checkpoint folder just saved."""
-        if self.ema is None or not args.should_save:
+        if self.ema is None or not (args.should_save or self._sharded):
             return
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if not folder.is_dir():
+        if not _main_says(folder.is_dir, self._sharded):
             warnings.warn(f"EMACallback: the checkpoint folder {str(folder)!r} does not exist "
                           "(a hyperparameter-search run?); the EMA was not saved with it.",
                           EMAWarning, stacklevel=2)
@@ -301,7 +332,7 @@ class EMACallback(TrainerCallback):
                     "emakit.global_step": str(state.global_step)}
         if self.keep_best is not None:
             metadata["emakit.keep_best"] = json.dumps(self.keep_best.state_dict())
-        save(self.ema, folder / FILE_NAME, metadata=metadata)
+        save(self.ema, folder / FILE_NAME, metadata=metadata)  # sharded: every rank joins
 
     # ------------------------------------------------------------------------ evaluation
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None,
@@ -317,9 +348,9 @@ class EMACallback(TrainerCallback):
     def _write_best(self, should_save: bool, tensors: dict[str, Any], path: Path,
                     metadata: dict[str, str]) -> None:
         trainer = self.trainer
-        if not should_save or trainer is None:
+        if trainer is None:
             return
-        _save_pretrained(trainer.model, trainer.processing_class, tensors, path)
+        _write_model(trainer.model, trainer.processing_class, tensors, path, should_save)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None,
                      processing_class: Any = None, **kwargs: Any) -> None:
@@ -337,10 +368,9 @@ class EMACallback(TrainerCallback):
                 warnings.warn(f"load_best_model_at_end: the best checkpoint {best!r} holds no "
                               f"{FILE_NAME}; the model keeps its training weights.",
                               EMAWarning, stacklevel=2)
-        if self.save_final is not None and args.should_save:
-            tensors = {k: v.to("cpu") for k, v in self.ema.model_state_dict().items()}
-            _save_pretrained(model, processing_class, tensors,
-                             self._folder(args, self.save_final))
+        if self.save_final is not None and (args.should_save or self._sharded):
+            _write_model(model, processing_class, self.ema.model_state_dict(device="cpu"),
+                         self._folder(args, self.save_final), args.should_save)
 
     @staticmethod
     def _folder(args: Any, folder: str | os.PathLike[str]) -> Path:
