@@ -105,7 +105,7 @@ class EMA:
         folding = self._folding(tracked, clock, "zeros" if begin.zeros else "copy")
         self._parts = engine.Parts(tracked, clock, folding)
         self._swap = Swapper(tracked)
-        self._hooks = Hooks(tracked, self._after_step)
+        self._hooks = Hooks(tracked, self._after_step, self._before_step)
         self._lock: threading.RLock = threading.RLock()
 
     def _folding(self, tracked: Tracked, clock: DecayClock, init: str) -> Folding:
@@ -241,6 +241,14 @@ class EMA:
         with self._lock:
             return self._hooks.attach(optimizer, overlap)
 
+    def _before_step(self) -> None:
+        if self._swap.swapped:
+            raise SwapError(
+                "optimizer.step() called while the EMA weights are swapped in: the step would "
+                "write into the average itself (the model's tensors use the shadows' memory). "
+                "Nothing was stepped. Leave the swapped() block (or call restore()) first; "
+                "evaluate inside it, train outside.")
+
     def _after_step(self) -> None:
         with self._lock:
             engine.update([self], None)
@@ -296,8 +304,11 @@ class EMA:
     def swapped(self) -> Iterator[EMA]:
         """Context manager: the EMA weights inside, the training weights bitwise back on exit.
 
-        Exception-safe. Do not train inside the block: with a pointer swap the model computes
-        with (and would write into) the shadows themselves.
+        Exception-safe. Buffers are copied in, so a training-mode forward changes the model's
+        buffers, not the average. Do not train inside the block: with a pointer swap the model
+        computes with (and would write into) the shadows themselves; an attached optimizer's
+        step is refused before it writes, and an in-place write is reported on exit
+        (:class:`~emakit.SwapError`).
 
         Example:
             >>> import numpy as np

@@ -106,6 +106,8 @@ class Attachment:
         on_step: called after every ``optimizer.step()``.
         fence: called before every ``optimizer.step()`` (the offload fence), or None.
         on_remove: called once with this attachment by :meth:`remove`.
+        before_step: called before every ``optimizer.step()``, before ``fence`` (e.g. to
+            refuse a step that would write into the EMA's shadows), or None.
 
     Attributes:
         optimizer: the optimizer whose steps update the EMA.
@@ -114,13 +116,20 @@ class Attachment:
 
     def __init__(self, optimizer: Any, *, on_step: Callable[[], object],
                  fence: Callable[[], object] | None,
-                 on_remove: Callable[[Attachment], object]) -> None:
+                 on_remove: Callable[[Attachment], object],
+                 before_step: Callable[[], object] | None = None) -> None:
         self.optimizer = optimizer
         self.overlap = fence is not None
         self._on_remove: Callable[[Attachment], object] | None = on_remove
         self._handles = [optimizer.register_step_post_hook(lambda opt, a, kw: on_step())]
-        if fence is not None:
-            self._handles.append(optimizer.register_step_pre_hook(lambda opt, a, kw: fence()))
+        first = [f for f in (before_step, fence) if f is not None]
+
+        def before(opt: Any, args: Any, kwargs: Any) -> None:
+            for f in first:
+                f()
+
+        if first:
+            self._handles.append(optimizer.register_step_pre_hook(before))
 
     @property
     def active(self) -> bool:
@@ -143,11 +152,14 @@ class Hooks:
     Args:
         tracked: the EMA's tracked tensors (re-planned when the overlap mode changes).
         on_step: the EMA's update after an optimizer step.
+        before_step: the EMA's check before an optimizer step (None: none).
     """
 
-    def __init__(self, tracked: Tracked, on_step: Callable[[], object]) -> None:
+    def __init__(self, tracked: Tracked, on_step: Callable[[], object],
+                 before_step: Callable[[], object] | None = None) -> None:
         self.tracked = tracked
         self.on_step = on_step
+        self.before_step = before_step
         self.attachment: Attachment | None = None
 
     @property
@@ -163,7 +175,7 @@ class Hooks:
                      ((e.name, e.tensor, e.buffer, e.requires_grad) for e in current))
         self.attachment = Attachment(target, on_step=self.on_step,
                                      fence=self.tracked.fence if overlap else None,
-                                     on_remove=self._detach)
+                                     on_remove=self._detach, before_step=self.before_step)
         if overlap:
             self.tracked.replan()  # the next update plans the side-stream copy
         return self.attachment

@@ -27,14 +27,16 @@ from typing import Any, Literal, NamedTuple
 from emakit.backends import Backend
 from emakit.errors import SwapError
 
-__all__ = ["Swapper", "UndoRecord", "back_up", "swap_in", "undo"]
+__all__ = ["Swapper", "UndoRecord", "back_up", "swap_in", "undo", "written"]
 
 
 class UndoRecord(NamedTuple):
-    """What to put back: ``(target, what it held, re-pointed?)`` per tensor, and why."""
+    """What to put back: ``(target, what it held, re-pointed?)`` per tensor, and why; for a
+    re-pointed target, the backend's count of in-place writes through it when it was."""
 
     kind: Literal["swap", "store"]
     entries: list[tuple[Any, Any, bool]]
+    writes: tuple[int | None, ...] = ()
 
 
 def swap_in(backend: Backend, targets: Sequence[Any], values: Sequence[Any],
@@ -69,7 +71,15 @@ def swap_in(backend: Backend, targets: Sequence[Any], values: Sequence[Any],
     except BaseException:
         undo(backend, UndoRecord("swap", done))
         raise
-    return UndoRecord("swap", done)
+    return UndoRecord("swap", done, tuple(backend.writes(t) if ptr else None
+                                          for t, _, ptr in done))
+
+
+def written(backend: Backend, record: UndoRecord) -> list[int]:
+    """Positions of re-pointed targets written in place since the swap (the value's memory,
+    i.e. a shadow, was changed through them)."""
+    return [i for i, ((t, _, ptr), before) in enumerate(zip(record.entries, record.writes))
+            if ptr and before is not None and backend.writes(t) != before]
 
 
 def back_up(backend: Backend, targets: Sequence[Any]) -> UndoRecord:
@@ -130,4 +140,15 @@ class Swapper:
             raise SwapError("restore() called with nothing to restore: call apply_shadow() or "
                             "store() first (or use the swapped() context manager).")
         record, self.record = self.record, None
+        changed = written(self.tracked.backend, record)
         undo(self.tracked.backend, record)
+        if changed:
+            names = [self.tracked.names[i] for i in changed]
+            shown = ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+            raise SwapError(
+                f"{len(names)} tensors were written in place while the EMA weights were swapped "
+                f"in ({shown}): the model computed with the shadows themselves, so the average "
+                "of those tensors now holds what was written (an optimizer step?). The training "
+                "weights are back. Reload the EMA from a checkpoint, and do not train inside "
+                "swapped() / apply_shadow(): evaluate there, step the optimizer outside.")
+

@@ -117,6 +117,7 @@ class Tracked:
                 f"the EMA tracks no tensor: the source has {len(entries)} tensors and the policy "
                 f"{policy!r} skips all of them. Loosen include/exclude.")
         self.aliases = {a: n for a, n in self.source.aliases().items() if n in self.actions}
+        self.buffers = frozenset(e.name for e in avg + cpy if e.buffer)
         self.avg_names = [e.name for e in avg]
         self.copy_names = [e.name for e in cpy]
         self.names = self.avg_names + self.copy_names
@@ -209,8 +210,10 @@ class Tracked:
 
     def repointable(self) -> list[bool]:
         """Per tracked tensor: may a swap re-point it at its shadow? Not a shard, whose local
-        tensor is a view into memory FSDP owns: that is copied into."""
-        return [name not in self.specs for name in self.names]
+        tensor is a view into memory FSDP owns, and not a buffer, which a forward pass in
+        training mode changes in place (BatchNorm's statistics, without a trace in the version
+        counter): those are copied into, so the shadows stay as they were."""
+        return [name not in self.specs and name not in self.buffers for name in self.names]
 
     def global_shape(self, name: str) -> tuple[int, ...]:
         """The shape of the tracked tensor ``name`` in the model (of the whole, for a shard)."""

@@ -230,6 +230,10 @@ class Backend(ABC):
         """
         raise NotImplementedError(f"the {self.name} backend cannot re-point arrays")
 
+    def writes(self, x: Any) -> int | None:
+        """A counter of in-place writes made through ``x`` (None: the backend keeps none)."""
+        return None
+
 
 def bad_dtype(spec: object, library: str, example: str, *, known: bool) -> TypeError | ValueError:
     """The error for a ``dtype=`` that is unknown (TypeError) or not floating (ValueError)."""

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from emakit.errors import EMAWarning, StateDictError
+from emakit.errors import EMAWarning, StateDictError, SwapError
 from emakit.hooks import Attachment, hookable
 from emakit.multi import MultiEMA
 from emakit.posthoc.manifest import Entry, Manifest, file_name, read_manifest, write_manifest
@@ -239,8 +239,16 @@ class Snapshots:
                              "update them twice. Keep the first attachment (or remove it "
                              "first: attachment.remove()).")
         self._attachment = Attachment(target, on_step=lambda: self._update(None), fence=None,
-                                      on_remove=self._detached)
+                                      on_remove=self._detached, before_step=self._unswapped)
         return self._attachment
+
+    def _unswapped(self) -> None:
+        """Refuse an optimizer step while an average is swapped into the model."""
+        swapped = [s for s, ema in zip(self._sigma_rels, self._emas) if ema.is_swapped]
+        if swapped:
+            raise SwapError(f"optimizer.step() called while the average of sigma_rel "
+                            f"{swapped[0]} is swapped in: the step would write into it. Nothing "
+                            "was stepped; leave the swapped() block first.")
 
     def _detached(self, attachment: Attachment) -> None:
         if self._attachment is attachment:

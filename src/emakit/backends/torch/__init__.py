@@ -195,6 +195,9 @@ class TorchBackend(Backend):
         target.data = value
         return previous
 
+    def writes(self, x: Any) -> int | None:
+        return int(x._version)  # autograd's version counter: bumped by every in-place op
+
     def as_native(self, x: object, name: str) -> Any:
         if isinstance(x, np.ndarray):
             if x.dtype.kind not in "biufc":

@@ -1,0 +1,94 @@
+"""What happens to the average when the model is used inside ``swapped()``.
+
+Evaluating inside the block must leave the average as it was, also when the model is (by
+mistake) in training mode; an optimizer step inside the block is refused before it writes
+(attached EMA or Snapshots) or reported on leaving the block (an EMA updated by hand).
+"""
+
+import pytest
+
+import emakit
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 2))
+
+
+def snapshot(ema):
+    return {k: v.clone() for k, v in ema.averaged().items()}
+
+
+def assert_unchanged(ema, before):
+    after = ema.averaged()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+
+
+def test_a_training_mode_forward_inside_swapped_leaves_the_average_and_the_model_as_they_were():
+    model = bn_model()
+    ema = emakit.EMA(model, decay=0.9)
+    model(torch.randn(64, 8))  # the training statistics move away from the shadows'
+    ema.update()
+    model(torch.randn(64, 8))
+    before, training = snapshot(ema), {k: v.clone() for k, v in model.state_dict().items()}
+    with ema.swapped():
+        inside = model[1].running_mean.clone()
+        with torch.no_grad():
+            model(torch.randn(64, 8))  # train mode: BatchNorm updates its buffers in place
+        assert not torch.equal(model[1].running_mean, inside)
+    assert_unchanged(ema, before)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, training[k]), k
+
+
+def test_an_optimizer_step_inside_swapped_is_refused_before_it_writes_when_attached():
+    model = bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = emakit.EMA(model, decay=0.9)
+    ema.attach(opt)
+    before = snapshot(ema)
+    model.eval()
+    model(torch.randn(8, 8)).square().mean().backward()
+    with ema.swapped(), pytest.raises(emakit.SwapError, match=r"optimizer.step\(\) called while "
+                                                            ".* Nothing was stepped"):
+        opt.step()
+    assert_unchanged(ema, before)
+    assert ema.step == 0
+    model.train()
+    model(torch.randn(8, 8)).square().mean().backward()
+    opt.step()  # outside the block: steps and updates as usual
+    assert ema.step == 1
+
+
+def test_an_in_place_write_inside_swapped_is_reported_when_the_block_ends():
+    model = bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = emakit.EMA(model, decay=0.9)  # not attached: updated by hand
+    training = {k: v.clone() for k, v in model.state_dict().items()}
+    model[0](torch.randn(4, 8)).square().mean().backward()
+    block = ema.swapped()
+    block.__enter__()
+    opt.step()  # writes into the shadows of 0.weight and 0.bias
+    with pytest.raises(emakit.SwapError, match=r"2 tensors were written in place .*'0.weight'"):
+        block.__exit__(None, None, None)
+    for k, v in model.state_dict().items():  # the training weights are back all the same
+        assert torch.equal(v, training[k]), k
+
+
+def test_snapshots_refuse_a_step_while_an_average_is_swapped_in(tmp_path):
+    from emakit.posthoc import Snapshots
+
+    model = bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Snapshots(model, tmp_path / "snapshots", snapshot_every=10)
+    rec.attach(opt)
+    model(torch.randn(8, 8)).square().mean().backward()
+    opt.step()
+    before = snapshot(rec.emas[1])
+    with rec.emas[1].swapped(), pytest.raises(emakit.SwapError, match=r"sigma_rel 0\.1 is swapped"):
+        opt.step()
+    assert_unchanged(rec.emas[1], before)
+    assert rec.step == 1
