@@ -99,3 +99,18 @@ def test_a_good_state_still_loads_and_extra_informational_keys_are_kept_out():
     result = ema.load_state_dict(state)
     assert result == emakit.LoadResult([], [], {})
     _same(_fingerprint(source), _fingerprint(ema))
+
+
+def test_the_message_reads_problem_first_with_or_without_a_fix_or_a_listing():
+    import torch
+
+    ema = emakit.EMA(torch.nn.Linear(2, 2), decay=0.7)
+    ema.update()
+    state = ema.state_dict()
+    state["step"] = -1
+    with pytest.raises(emakit.StateDictError) as info:
+        ema.load_state_dict(state)
+    assert str(info.value) == ("state['step'] must be an int in [0, 2**63), got -1. Nothing was "
+                               "loaded.")
+    listed = emakit.StateDictError("the state does not fit", missing=["a"])
+    assert str(listed) == "the state does not fit; missing (1): 'a'. Nothing was loaded."

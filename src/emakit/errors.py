@@ -46,10 +46,8 @@ class StateDictError(ValueError):
             parts.append(_listing("unexpected", self.unexpected))
         if self.mismatched:
             parts.append(_listing("mismatched", self.mismatched))
-        parts.append("Nothing was loaded.")
-        if fix:
-            parts.append(fix)
-        super().__init__("; ".join(parts[:-2]) + ". " + " ".join(parts[-2:]))
+        tail = ["Nothing was loaded.", fix] if fix else ["Nothing was loaded."]
+        super().__init__("; ".join(parts).rstrip(".") + ". " + " ".join(tail))
 
     def located(self, where: str) -> StateDictError:
         """The same error with ``where`` (e.g. the file's name) in front of the problem."""
