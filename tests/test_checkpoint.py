@@ -406,3 +406,18 @@ def test_a_0_d_array_round_trips_as_0_d(tmp_path: Path) -> None:
     again = emakit.EMA({"scale": np.array(0.0), "w": np.zeros(3)}, decay=0.5)
     emakit.load(again, tmp_path / "s.safetensors")
     assert again.averaged()["scale"].shape == () and again.averaged()["scale"] == 2.0
+
+
+def test_load_takes_a_trainer_checkpoint_folder_and_names_a_folder_without_one(tmp_path):
+    ema = emakit.EMA(torch.nn.Linear(2, 2), decay=0.7)
+    ema.update()
+    (tmp_path / "checkpoint-10").mkdir()
+    emakit.save(ema, tmp_path / "checkpoint-10" / "ema.safetensors")
+    other = emakit.EMA(torch.nn.Linear(2, 2), decay=0.7)
+    emakit.load(other, tmp_path / "checkpoint-10")
+    assert all(torch.equal(a, b) for a, b in zip(other.averaged().values(),
+                                                 ema.averaged().values()))
+    assert emakit.read_state(tmp_path / "checkpoint-10")["step"] == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"is a folder without an ema\.safetensors"):
+        emakit.load(other, tmp_path / "empty")

@@ -174,6 +174,26 @@ def _where(path: Path) -> str:
     return repr(str(path))
 
 
+def checkpoint_file(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint file at ``path``: the file itself, or a trainer's checkpoint folder's
+    ``ema.safetensors`` (what emakit's callbacks write into Hugging Face's ``checkpoint-N/``).
+
+    Raises:
+        FileNotFoundError: no such file, or a folder without an ``ema.safetensors``.
+    """
+    src = Path(path)
+    if src.is_dir():
+        inside = src / "ema.safetensors"
+        if not inside.is_file():
+            raise FileNotFoundError(f"{_where(src)} is a folder without an ema.safetensors (the "
+                                    "file emakit's trainer callbacks write into a checkpoint "
+                                    "folder); give the checkpoint file itself.")
+        return inside
+    if not src.is_file():
+        raise FileNotFoundError(f"no such checkpoint: {_where(src)}")
+    return src
+
+
 def _not_safetensors(src: Path, exc: Exception) -> StateDictError:
     """The error for a file safetensors cannot open, saying what the file is instead."""
     from emakit.io.sniff import file_kind
@@ -212,9 +232,7 @@ def read_header(path: str | os.PathLike[str], *, verify: bool = True) -> dict[st
     """
     import safetensors
 
-    src = Path(path)
-    if not src.is_file():
-        raise FileNotFoundError(f"no such checkpoint: {_where(src)}")
+    src = checkpoint_file(path)
     try:
         with safetensors.safe_open(str(src), framework="np") as f:
             meta = dict(f.metadata() or {})
@@ -242,7 +260,7 @@ def read_state(path: str | os.PathLike[str], *, framework: str | None = None,
         StateDictError: if it is not a complete emakit checkpoint of a known version, or is
             damaged (a checksum differs), naming the file and the key or tensor.
     """
-    src = Path(path)
+    src = checkpoint_file(path)
     header = read_header(src, verify=verify)
     if framework is None:
         import importlib.util

@@ -144,16 +144,9 @@ def read_checkpoint(path: str | os.PathLike[str], *, names: Any = None,
             the file, what it found and the known layouts; a malformed or damaged file is a
             :class:`~emakit.StateDictError` naming the file and the key.
     """
-    src = Path(path)
-    if src.is_dir():  # a trainer's checkpoint folder (Hugging Face's checkpoint-N/)
-        inside = src / "ema.safetensors"
-        if not inside.is_file():
-            raise FileNotFoundError(f"{str(src)!r} is a folder without an ema.safetensors (the "
-                                    "file emakit's trainer callbacks write into a checkpoint "
-                                    "folder); give the checkpoint file itself.")
-        src = inside
-    if not src.is_file():
-        raise FileNotFoundError(f"no such checkpoint: {str(src)!r}")
+    from emakit.io.checkpoint import checkpoint_file
+
+    src = checkpoint_file(path)  # a trainer's checkpoint folder: its ema.safetensors
     obj, meta = _open(src, framework)
     found = _find(src, obj, meta, names, verify)
     check_weights(f"{str(src)!r}{found.where}", found.weights, src.stat().st_size)
