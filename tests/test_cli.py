@@ -386,6 +386,21 @@ def test_plan_half_life_every_json(capsys):
     assert report["initial_share"] < 1e-9 and "warning" not in report
 
 
+def test_plan_every_counts_updates_and_says_where_the_last_one_was(capsys):
+    rc, out, _ = _run(capsys, "plan", "--decay", 0.999, "--every", 4)
+    assert rc == 0
+    assert "= a half-life of 173 and a window of 250 updates of every 4 steps" in out
+    rc, out, _ = _run(capsys, "plan", "--decay", 0.9, "--every", 7, "--steps", 100)
+    assert rc == 0 and "after 100 steps the average holds (its last update was at step 98" in out
+
+
+def test_plan_suggests_the_half_life_that_leaves_five_percent(capsys):
+    rc, out, _ = _run(capsys, "plan", "--decay", 0.9, "--steps", 5)
+    assert rc == 0 and "Use a half-life below about 1.2 steps" in out
+    rc, out, _ = _run(capsys, "plan", "--half-life", 1.15, "--steps", 5)
+    assert rc == 0 and "WARNING" not in out  # the suggestion is below the threshold it names
+
+
 def test_plan_schedule_at_steps_and_plot(capsys, tmp_path):
     rc, out, _ = _run(capsys, "plan", "--schedule", "inverse-gamma:power=0.75,max_decay=0.999",
                       "--at", "1,10,1000", "--steps", 2000, "--plot", tmp_path / "w.png")
@@ -407,7 +422,7 @@ def test_plan_schedule_at_steps_and_plot(capsys, tmp_path):
     (["--schedule", "inverse-gamma:update_after_step=inf"], "is not a whole number of steps"),
     (["--decay", "0.9", "--plot", "x.png"], "--plot needs --steps"),
     (["--decay", "0.9", "--every", "0"], "--every must be >= 1, got 0"),
-    (["--half-life", "0"], "--half-life must be > 0 steps"),
+    (["--half-life", "0"], "--half-life must be a finite number of steps > 0"),
     (["--decay", "0.9", "--at", "a,b"], "give whole step numbers"),
 ])
 def test_plan_bad_input(capsys, args, message):

@@ -102,7 +102,8 @@ def _schedule(args: argparse.Namespace) -> schedules.Schedule:
         return parse_schedule(args.schedule)
     if args.half_life is not None:
         if not (math.isfinite(args.half_life) and args.half_life > 0):
-            raise CLIError(f"--half-life must be > 0 steps, got {args.half_life}.")
+            raise CLIError(f"--half-life must be a finite number of steps > 0, got "
+                           f"{args.half_life} (an infinite half-life never moves: --decay 1).")
         return schedules.Constant.from_half_life(args.half_life)
     if not 0.0 <= args.decay <= 1.0:
         raise CLIError(f"--decay must be in [0, 1], got {args.decay}.")
@@ -150,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
                   f"effective window 1/(1-d): {_fmt_steps(window)} steps (mean age of the "
                   f"average: {_fmt_steps(window - 1)} steps)"]
         if args.every > 1 and math.isfinite(half):
-            lines.append(f"  = {_fmt_steps(half / args.every)} updates of every {args.every} "
+            lines.append(f"  = a half-life of {_fmt_steps(half / args.every)} and a window of "
+                         f"{_fmt_steps(window / args.every)} updates of every {args.every} "
                          f"steps; the window in steps does not change with --every")
     at = _steps_to_show(args)
     report["decay_at"] = {str(t): sched(t) for t in at}
@@ -164,7 +166,10 @@ def run(args: argparse.Namespace) -> int:
         shares = {m: w.share_of_last(m) for m in marks}
         report.update(steps=n, initial_share=w.initial, mean_age_steps=w.mean_age(),
                       share_of_last={str(m): s for m, s in shares.items()})
-        lines.append(f"after {n:,} steps the average holds:")
+        last = n - n % args.every
+        lines.append(f"after {n:,} steps the average holds" + (
+            f" (its last update was at step {last:,}: the steps count back from there):"
+            if last != n else ":"))
         lines += [f"  {100 * s:6.2f}% from the last {m:,} steps" for m, s in shares.items()]
         lines.append(f"  {100 * w.initial:6.2f}% the initial weights (mean age of the average: "
                      f"{_fmt_steps(w.mean_age())} steps)")
@@ -172,8 +177,9 @@ def run(args: argparse.Namespace) -> int:
             warn = (f"WARNING: the window is too long for a {n:,}-step run: "
                     f"{100 * w.initial:.1f}% of the final average is still the initial "
                     f"(random) weights, so the EMA model will evaluate near chance (the 'EMA "
-                    f"accuracy stays at zero' trap). Use a half-life below about {n // 10:,} "
-                    f"steps, or a warmup schedule (--schedule inverse-gamma).")
+                    f"accuracy stays at zero' trap). Use a half-life below about "
+                    f"{_fmt_steps(n * math.log(0.5) / math.log(TRAP_SHARE))} steps, or a warmup "
+                    f"schedule (--schedule inverse-gamma).")
             report["warning"] = warn
         if args.plot:
             _plot(w, sched, args.plot, args.every)
