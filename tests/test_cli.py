@@ -449,3 +449,16 @@ def test_plan_huge_gamma_is_computed_not_a_traceback(capsys):
     report = json.loads(out)
     assert report["schedule"]["sigma_rel"] == pytest.approx(1e-308, rel=1e-12)
     assert report["initial_share"] == 0.0 and report["share_of_last"]["1"] == 1.0
+
+
+def test_a_reader_that_stops_early_gets_no_error_message():
+    """`emakit plan ... | head -1`: a pipe closed by its reader is not reported as an error."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before emakit writes: every write fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "emakit", "plan", "--decay", "0.9"],
+                              stdout=write, stderr=subprocess.PIPE, timeout=120, check=False)
+    finally:
+        os.close(write)
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == ""

@@ -9,6 +9,7 @@ half-written. Other exceptions are bugs and keep their traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -72,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
+    except BrokenPipeError:  # the reader stopped early (`emakit inspect f | head`): no message
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the exit's flush of stdout fails silently too
+        return 1
     except (CLIError, ValueError, OSError, ImportError) as exc:
         print(f"emakit {args.command}: error: {exc}", file=sys.stderr)
         return 2
