@@ -114,3 +114,15 @@ def test_the_message_reads_problem_first_with_or_without_a_fix_or_a_listing():
                                "loaded.")
     listed = emakit.StateDictError("the state does not fit", missing=["a"])
     assert str(listed) == "the state does not fit; missing (1): 'a'. Nothing was loaded."
+
+
+def test_a_mismatch_after_a_renaming_says_which_renaming(tmp_path):
+    import torch
+
+    small = emakit.EMA(torch.nn.Linear(3, 3), decay=0.9)
+    small.update()
+    emakit.save(small, tmp_path / "lin.safetensors")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(emakit.StateDictError, match=r"its names read with add '0\.'.*"
+                                                    r"'0\.weight: shape \(3, 3\) != \(8, 4\)'"):
+        emakit.load(emakit.EMA(model, decay=0.9), tmp_path / "lin.safetensors")

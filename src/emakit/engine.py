@@ -125,25 +125,29 @@ def update(emas: Sequence[HasParts], step: int | None, *,
     return True
 
 
-def _own_names(state: Mapping[str, Any], names: list[str]) -> Mapping[str, Any]:
+def _own_names(state: Mapping[str, Any], names: list[str]) -> tuple[Mapping[str, Any], str]:
     """``state`` renamed into the model's names where it was saved from a wrapped model
-    (``module.``, ``_orig_mod.``) or for one; as it is otherwise (the checks come after)."""
+    (``module.``, ``_orig_mod.``) or for one; as it is otherwise (the checks come after). Also
+    the renaming, described (``"as is"``, ``"strip 'module.'"``, ...)."""
     saved = state.get("shadows") if isinstance(state, Mapping) else None
     if not (isinstance(saved, Mapping) and saved and all(isinstance(k, str) for k in saved)):
-        return state
+        return state, "as is"
     table, how = match_names(list(saved), names)
-    return state if how == "as is" else renamed_state(dict(state), table)
+    return (state if how == "as is" else renamed_state(dict(state), table)), how
 
 
 def _checked(parts: Parts, state: Mapping[str, Any], strict: bool) -> CheckedState:
     t, clock = parts.tracked, parts.clock
-    checked = check_state(_own_names(state, t.names), t.backend.as_native)
+    own, how = _own_names(state, t.names)
+    checked = check_state(own, t.backend.as_native)
     missing = [n for n in t.names if n not in checked.shadows]
     unexpected = [n for n in checked.shadows if n not in t.actions]
     mismatched = t.mismatches(checked.shadows)
     if mismatched or (strict and (missing or unexpected)):
+        renamed = "" if how == "as is" else \
+            f" (its names read with {how}, the renaming that matches this EMA's names best)"
         raise StateDictError(
-            "the state does not fit this EMA", missing=missing if strict else (),
+            "the state does not fit this EMA" + renamed, missing=missing if strict else (),
             unexpected=unexpected if strict else (), mismatched=mismatched,
             fix="Build the EMA over the same model and dtype, or pass strict=False to load "
                 "the common names (shape/dtype mismatches always fail).")

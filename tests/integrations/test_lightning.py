@@ -292,7 +292,11 @@ def test_ddp_with_two_cpu_processes_keeps_one_identical_ema_per_rank(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["step"] == r1["step"] == 6  # 48 samples / 2 ranks / 8 per batch, 2 epochs
-    assert all(torch.equal(r0["shadows"][k], r1["shadows"][k]) for k in r0["shadows"])
+    # the same average of the weights on both ranks; buffers (BatchNorm's statistics) are
+    # copied from each rank's own model, whose buffers DDP makes equal only as a forward starts
+    params = {f"net.{n}" for n, _ in Module().net.named_parameters()}
+    assert params < set(r0["shadows"])
+    assert all(torch.equal(r0["shadows"][k], r1["shadows"][k]) for k in params)
     saved = torch.load(ckpt, weights_only=True)
     ema = saved["callbacks"]["emakit.EMA"]["ema"]
     assert all(torch.equal(ema["shadows"][k], v) for k, v in r0["shadows"].items())
