@@ -214,3 +214,38 @@ def test_one_update_per_optimizer_step_with_gradient_accumulation():
     callback = EMACallback(decay=DECAY)
     model.fit(*TRAIN, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
     assert callback.ema.step == callback.ema.num_updates == 2  # 4 batches, 2 optimizer steps
+
+
+def unnamed():
+    """The model of :func:`build` with the layer names Keras chooses (numbered per process)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+                              keras.layers.BatchNormalization(), keras.layers.ReLU(),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse")
+    return model
+
+
+def test_resume_matches_layers_keras_named_differently_by_their_position(tmp_path):
+    whole_cb = EMACallback(decay=DECAY)
+    fit(unnamed(), [whole_cb], 4)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    first = EMACallback(decay=DECAY, checkpoint=tmp_path / "ema.safetensors")
+    with pytest.raises(KeyboardInterrupt):
+        fit(unnamed(), [keras.callbacks.BackupAndRestore(str(tmp_path / "backup")), first,
+                        Interrupt()], 4)
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])  # moves Keras' numbering on
+    resumed = unnamed()
+    saved = list(emakit.read_state(tmp_path / "ema.safetensors")["shadows"])
+    assert not set(saved) & {v.path for v in resumed.weights}  # no name in common
+    second = EMACallback(decay=DECAY, checkpoint=tmp_path / "ema.safetensors")
+    fit(resumed, [keras.callbacks.BackupAndRestore(str(tmp_path / "backup")), second], 4)
+    a, b = whole_cb.ema.state_dict(), second.ema.state_dict()
+    assert a["step"] == b["step"] == 16
+    assert len(a["shadows"]) == len(b["shadows"])
+    assert all(torch.equal(x, y) for x, y in zip(a["shadows"].values(), b["shadows"].values()))

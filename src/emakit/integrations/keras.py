@@ -159,6 +159,47 @@ def variables_of(model: Any, *, copies: bool | None = None) -> tuple[InPlace | C
     return (Copied(variables) if copies else InPlace(variables)), frozen
 
 
+def _numbered(path: str) -> tuple[str, tuple[int, ...]]:
+    """A weight's path without the numbers Keras appends to names it chooses, and the numbers
+    (``sequential_1/dense_2/kernel`` -> ``("sequential/dense/kernel", (1, 2, 0))``)."""
+    parts = [re.fullmatch(r"(.*?)(?:_(\d+))?", p) for p in path.split("/")]
+    return ("/".join(m.group(1) for m in parts if m),
+            tuple(int(m.group(2) or 0) for m in parts if m))
+
+
+def _structure(paths: list[str]) -> dict[str, tuple[str, int]]:
+    """Path -> (path without Keras' numbers, rank among the paths that share it by number)."""
+    groups: dict[str, list[tuple[tuple[int, ...], str]]] = {}
+    for p in paths:
+        bare, numbers = _numbered(p)
+        groups.setdefault(bare, []).append((numbers, p))
+    return {p: (bare, k) for bare, members in groups.items()
+            for k, (_, p) in enumerate(sorted(members))}
+
+
+def _by_position(state: dict[str, Any], ema: EMA) -> dict[str, Any]:
+    """``state`` renamed into the EMA's names when they differ only by the numbers Keras gives
+    the layers it names itself (``sequential_1/dense_2/...`` in one process is
+    ``sequential_3/dense_5/...`` in one that built another model first): matched by the bare
+    path and the order of those numbers (Keras numbers layers as they are made), with the same
+    shapes and dtypes -- as Keras' own checkpoints match weights by the model's structure.
+    Otherwise as it is (``load_state_dict`` then names what does not fit)."""
+    from emakit.names import renamed_state
+
+    theirs, mine = state.get("shadows", {}), ema.state_dict()["shadows"]
+    if set(theirs) == set(mine):
+        return state
+    saved, own = _structure(list(theirs)), _structure(list(mine))
+    by_key = {key: name for name, key in own.items()}
+    if sorted(saved.values()) != sorted(by_key):
+        return state
+    rename = {name: by_key[key] for name, key in saved.items()}
+    if any(tuple(theirs[a].shape) != tuple(mine[b].shape) or theirs[a].dtype != mine[b].dtype
+           for a, b in rename.items()):
+        return state
+    return renamed_state(state, rename)
+
+
 def _iterations(model: Any) -> int:
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
@@ -285,7 +326,7 @@ class EMACallback(keras.callbacks.Callback):  # type: ignore[misc]
                               "starts again from the current weights.", EMAWarning,
                               stacklevel=3)
             return
-        ema.load_state_dict(state)
+        ema.load_state_dict(_by_position(state, ema))
         best = state["header"].get("user", {}).get("emakit.keep_best")
         if best is not None and self.keep_best is not None:
             self.keep_best.load_state_dict(json.loads(best))
