@@ -336,3 +336,11 @@ def test_emakits_state_inside_a_lightning_checkpoint_and_a_checkpoint_folder(tmp
     assert read_checkpoint(folder).step == 4
     with pytest.raises(FileNotFoundError, match=r"a folder without an ema.safetensors"):
         read_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(("content", "kind"), [(b'{"a": 1}\n', "a text file"), (b"", "empty")])
+def test_a_file_named_safetensors_that_is_not_one_says_what_it_is(tmp_path, content, kind):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"is not a checkpoint emakit can read: it is {kind}"):
+        emakit.EMA.from_checkpoint({"w": np.zeros(2)}, path)

@@ -101,7 +101,8 @@ def _open(src: Path, framework: str | None) -> tuple[Any, dict[str, str]]:
     from emakit.io.weights import _read_safetensors, pt_weights, read_npz
 
     kind = file_kind(src)
-    if kind == "a safetensors file" or src.suffix.lower() == ".safetensors":
+    if kind == "a safetensors file" or (src.suffix.lower() == ".safetensors"
+                                        and kind.startswith("not a format")):
         return _read_safetensors(src, framework)
     if kind == "a numpy .npz archive":
         return read_npz(src)
