@@ -327,12 +327,16 @@ def posthoc_recording_of_a_sharded_model(rank: int, world: int, tmp: Path) -> No
     rec = Snapshots(model, tmp / "sharded", snapshot_every=2)
     ref = Snapshots(weights, tmp / f"plain-{rank}", snapshot_every=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for t in range(1, 5):
-        step(model, opt, t)
-        rec.update()
-        for name, value in snapshot(model).items():
-            weights[name].copy_(value)
-        ref.update()
+
+    def both(recording: Snapshots, steps: range) -> None:  # sharded, and the oracle
+        for t in steps:
+            step(model, opt, t)
+            recording.update()
+            for name, value in snapshot(model).items():
+                weights[name].copy_(value)
+            ref.update()
+
+    both(rec, range(1, 5))
     saved = copy.deepcopy(rec.state_dict())  # the live shadows go on changing
     for t in range(5, 7):  # steps a resumed run will redo
         step(model, opt, t)
@@ -343,12 +347,7 @@ def posthoc_recording_of_a_sharded_model(rank: int, world: int, tmp: Path) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "dropped 2 snapshot files after step 4"
         again.load_state_dict(saved)
-    for t in range(5, 9):
-        step(model, opt, t)
-        again.update()
-        for name, value in snapshot(model).items():
-            weights[name].copy_(value)
-        ref.update()
+    both(again, range(5, 9))
     dist.barrier()
     assert [(e.step, e.sigma_rel) for e in again.entries()] == \
         [(e.step, e.sigma_rel) for e in ref.entries()]
