@@ -197,6 +197,11 @@ def _log_csv(path, n=300):
     return loss
 
 
+def test_smooth_names_a_folder_as_a_folder(capsys, tmp_path):
+    rc, _, err = _run(capsys, "smooth", tmp_path, "--column", "loss", "--alpha", "0.1")
+    assert rc == 2 and "is a folder; give the log file" in err
+
+
 def test_smooth_csv_matches_pandas(capsys, tmp_path):
     loss = _log_csv(tmp_path / "log.csv")
     rc, _out, _ = _run(capsys, "smooth", tmp_path / "log.csv", "--column", "loss",

@@ -57,6 +57,20 @@ def test_export_dtype_and_prefix(tmp_path: Path) -> None:
     assert half["1.num_batches_tracked"].dtype == torch.int64
 
 
+def test_export_refuses_a_prefix_no_name_has_or_one_that_merges_names(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, _, path = _trained(tmp_path)
+    out = tmp_path / "out.safetensors"
+    assert main(["export", str(path), "--out", str(out), "--strip-prefix", "module."]) == 2
+    assert "no name in" in capsys.readouterr().err and not out.exists()
+    merged = {"a.w": torch.zeros(2), "w": torch.ones(2)}
+    ema = emakit.EMA(merged, decay=0.5)
+    emakit.save(ema, tmp_path / "two.safetensors")
+    assert main(["export", str(tmp_path / "two.safetensors"), "--out", str(out),
+                 "--strip-prefix", "a."]) == 2
+    assert "makes two names 'w'" in capsys.readouterr().err and not out.exists()
+
+
 def test_export_from_peers(tmp_path: Path) -> None:
     pytest.importorskip("torch_ema")  # the peers extra; test_layouts checks CI has it
     pytest.importorskip("ema_pytorch")

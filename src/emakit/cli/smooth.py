@@ -151,6 +151,8 @@ def read_column(path: Path, column: str, x: str | None) -> tuple[np.ndarray, np.
             number; the message names the file and line.
         FileNotFoundError: there is no such file.
     """
+    if path.is_dir():
+        raise CLIError(f"{str(path)!r} is a folder; give the log file (CSV or JSONL) itself.")
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r}: no such file.")
     try:

@@ -115,8 +115,9 @@ def export_weights(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
 
     Raises:
         ValueError: unknown ``dtype``, an unreadable checkpoint, a layout that needs names, an
-            EMA with no average yet (``init="zeros"`` saved before its first update), or
-            bfloat16 weights for ``.npz``.
+            EMA with no average yet (``init="zeros"`` saved before its first update),
+            bfloat16 weights for ``.npz``, or a ``strip_prefix`` that no name has or that
+            makes two names one.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
@@ -148,7 +149,15 @@ def export_weights(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
             value = _cast(tensor, dtype, name)
         if strip_prefix and name.startswith(strip_prefix):
             name = name[len(strip_prefix):]
+        if name in weights:
+            raise ValueError(f"strip_prefix={strip_prefix!r} makes two names {name!r}; nothing "
+                             "was written. Strip a longer prefix, or none.")
         weights[name] = value
+    if strip_prefix and not any(n.startswith(strip_prefix) for n in found.weights):
+        first = next(iter(found.weights), "")
+        raise ValueError(f"strip_prefix={strip_prefix!r}: no name in {str(path)!r} starts with "
+                         f"it (they start like {first!r}); nothing was written. Leave it out, "
+                         "or give the prefix the names have.")
     if Path(out).suffix.lower() == ".npz":
         bf16 = [n for n, t in weights.items() if str(getattr(t, "dtype", "")) == "torch.bfloat16"]
         if bf16:
