@@ -191,3 +191,25 @@ def test_schedule_values_and_errors():
         BEMASchedule(update_after=-1)
     with pytest.raises(ValueError, match="start='zeros' has no meaning"):
         emakit.BEMA({"w": np.ones(2)}, start="zeros")
+
+
+def test_the_average_read_inside_swapped_is_the_average_read_outside(tmp_path):
+    """BEMA corrects with the training weights; inside swapped() the model holds BEMA's."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    bema = emakit.BEMA(model)
+    bema.attach(opt)
+    for _ in range(10):
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    outside = bema.model_state_dict()
+    keep = emakit.KeepBest(bema, tmp_path / "best.safetensors")
+    with bema.swapped():
+        assert torch.equal(model.weight, outside["weight"])
+        inside = bema.model_state_dict()
+        keep.observe(1.0)
+    assert all(torch.equal(inside[k], v) for k, v in outside.items())
+    saved, _ = emakit.io.read_weights(tmp_path / "best.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in outside.items())

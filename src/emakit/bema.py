@@ -149,7 +149,7 @@ class _Corrected(Folding):
             return base
         t = self.tracked
         n = len(t.avg_names)
-        current = t.fetch(t.avg_names)
+        current = t.training(t.avg_names)  # swapped in or not: the training weights
         shifted = t.backend.shifted(base[:n], current, self.origin,
                                     self.schedule.alpha(clock.step))
         return shifted + base[n:]

@@ -125,6 +125,7 @@ class Swapper:
         self.refuse("apply_shadow() called", stored_too=True)
         t = self.tracked
         self.record = swap_in(t.backend, t.fetch(), values, t.shadows, t.repointable())
+        t.held = {name: old for name, (_, old, _) in zip(t.names, self.record.entries)}
 
     def back_up(self, parameters: Any = None) -> None:
         """Keep a copy of the source's weights (``parameters``: torch-ema's argument, checked to
@@ -140,6 +141,7 @@ class Swapper:
             raise SwapError("restore() called with nothing to restore: call apply_shadow() or "
                             "store() first (or use the swapped() context manager).")
         record, self.record = self.record, None
+        self.tracked.held = None
         changed = written(self.tracked.backend, record)
         undo(self.tracked.backend, record)
         if changed:

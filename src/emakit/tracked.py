@@ -129,6 +129,14 @@ class Tracked:
         self.copy_shadows = self.backend.allocate(cpy_src, [t.dtype for t in cpy_src], device,
                                                   False)
         self.plan: Plan | None = None
+        self.held: dict[str, Any] | None = None  # the training weights while swapped out
+
+    def training(self, names: Sequence[str]) -> list[Any]:
+        """The training weights of ``names``: the source's tensors, or, while the EMA weights
+        are swapped in, what the swap took out (:class:`~emakit.swap.Swapper` sets it)."""
+        if self.held is None:
+            return self.fetch(names)
+        return [self.held[n] for n in names]
 
     def warn_if_stalling(self, late_decay: float) -> None:
         """Warn when a half-precision shadow would round its updates away (docs/math.md (8a)):
