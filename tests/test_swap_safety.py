@@ -92,3 +92,27 @@ def test_snapshots_refuse_a_step_while_an_average_is_swapped_in(tmp_path):
         opt.step()
     assert_unchanged(rec.emas[1], before)
     assert rec.step == 1
+
+
+def test_another_threads_save_waits_for_the_swapped_block_to_end(tmp_path):
+    import threading
+
+    model = bn_model()
+    ema = emakit.EMA(model, decay=0.9)
+    ema.update()
+    inside, result = threading.Event(), []
+
+    def checkpointer():
+        inside.wait()
+        emakit.save(ema, tmp_path / "ckpt.safetensors")
+        result.append(ema.is_swapped)
+
+    worker = threading.Thread(target=checkpointer)
+    worker.start()
+    with ema.swapped():
+        inside.set()
+        worker.join(timeout=0.5)  # the save waits for the block to end
+        assert worker.is_alive() and result == []
+    worker.join(timeout=60)
+    assert result == [False]
+    assert emakit.read_state(tmp_path / "ckpt.safetensors")["step"] == 1

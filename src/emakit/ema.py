@@ -323,11 +323,12 @@ class EMA:
             >>> w["w"]
             array([3.])
         """
-        self.apply_shadow()
-        try:
-            yield self
-        finally:
-            self.restore()
+        with self._lock:  # the whole block: another thread's save or step waits for its end
+            self.apply_shadow()
+            try:
+                yield self
+            finally:
+                self.restore()
 
     @_locked
     def copy_to(self, target: Any = None, *, strict: bool = True) -> list[str]:
