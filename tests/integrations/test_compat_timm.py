@@ -22,7 +22,8 @@ except ImportError:  # timm not installed (it is in CI: .ci/run)
     pytest.skip("timm is not installed", allow_module_level=True)
 VARIANTS = [{}, {"use_warmup": True}, {"use_warmup": True, "warmup_power": 0.75,
                                        "min_decay": 0.5, "update_after_step": 3},
-            {"update_after_step": 2}, {"exclude_buffers": True}]
+            {"update_after_step": 2}, {"exclude_buffers": True},
+            {"use_warmup": True, "min_decay": 0.995}]  # min_decay above decay: timm's wins
 
 
 def same(a, b):
@@ -147,14 +148,31 @@ def test_moving_the_module_away_from_the_average_is_refused():
         shim.to(torch.float64)
 
 
-def test_half_precision_models_get_a_float32_average():
+def test_half_precision_models_keep_their_dtype_in_module_over_a_float32_average():
+    """timm's .module keeps a bf16 model's dtype (so it runs on the model's inputs); here it
+    holds the float32 average, rounded once after each update."""
     model = net().to(torch.bfloat16)
     shim = ModelEmaV3(model, decay=0.9)
-    assert all(v.dtype == torch.float32 for v in shim.module.state_dict().values()
-               if v.is_floating_point())
-    shim.update(model, step=1)
-    x = torch.randn(2, 4)
-    assert shim(x).dtype == torch.float32
+    averaged = shim.ema.averaged()
+    assert all(v.dtype == torch.float32 for v in averaged.values() if v.is_floating_point())
+    for t in range(1, 7):  # "optimizer steps"
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * t)
+        shim.update(model)
+    module = shim.module.state_dict()
+    for name, value in shim.ema.averaged().items():
+        assert module[name].dtype == model.state_dict()[name].dtype, name
+        assert torch.equal(module[name], value.to(module[name].dtype)), name
+    x = torch.randn(2, 4).to(torch.bfloat16)
+    assert shim(x).dtype == torch.bfloat16
+    # a checkpoint loaded into .module (timm's resume) becomes the average
+    saved = {k: v.clone() for k, v in module.items()}
+    other = ModelEmaV3(net().to(torch.bfloat16), decay=0.9)
+    other.module.load_state_dict(saved)
+    other.update(model)
+    want = torch.lerp(saved["head.weight"].float(), model.head.weight.float(), 1 - 0.9)
+    assert torch.equal(other.ema.averaged()["head.weight"], want)
 
 
 def test_device_and_dtype_arguments():

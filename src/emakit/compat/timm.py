@@ -5,8 +5,10 @@ the rest stays: the same constructor arguments, ``update(model, step=None)``, ``
 ``get_decay(step)``, ``forward`` (the EMA model), and ``.module``, the averaged copy of the
 model that timm's scripts evaluate and save (``model_ema.module.state_dict()``, the
 ``state_dict_ema`` of timm checkpoints) and load into (``load_checkpoint(model_ema.module, ...,
-use_ema=True)``). The tensors of ``.module`` *are* the engine's shadows (no second copy): what is
-loaded into ``.module`` is the average, and every update shows in ``.module`` at once.
+use_ema=True)``). Where they have the shadows' dtype, the tensors of ``.module`` *are* the
+engine's shadows (no second copy); a 16-bit model's keep its dtype (the shadows are float32) and
+get the average, rounded, after every update. Either way what is loaded into ``.module`` becomes
+the average, and every update shows in ``.module`` at once.
 
 Tensors are matched by name (timm zips the two state dicts by position); a model wrapped in
 ``DistributedDataParallel``/``DataParallel`` (``.module``) or ``torch.compile`` (``._orig_mod``)
@@ -25,9 +27,11 @@ Where the numbers differ from timm's (``docs/migration.md``):
   consecutive steps. With a step gap (``update(model, step=s)`` after ``s - k``) emakit applies
   the decay of all ``k`` steps (the averaging window in steps stays the same), timm the decay of
   one; a repeated step is a no-op here, a second update in timm.
-- 16-bit models: the shadows (and so ``.module``) are float32 unless ``dtype`` says otherwise
-  (timm keeps bfloat16 shadows with stochastic rounding by default: random, and not
-  reproducible across seeds); ``stochastic_rounding`` and ``foreach`` are accepted and unused.
+- 16-bit models: the shadows are float32 unless ``dtype`` says otherwise, and ``.module`` keeps
+  the model's dtype (so it runs on the same inputs as the model), holding the float32 average
+  rounded once after each update. timm keeps bfloat16 shadows with stochastic rounding by
+  default: random, and not reproducible across seeds; ``stochastic_rounding`` and ``foreach``
+  are accepted and unused.
 - ``ModelEmaV2`` computes ``decay * e + (1 - decay) * m`` (three roundings against ``lerp``'s
   one): a few ulp apart (measured: at most 2.9 ulp of a tensor's largest magnitude after 12
   updates); timm averages integer buffers in float and truncates them back, emakit copies them.
@@ -105,6 +109,7 @@ class _ModelEma(nn.Module):
         self.module = copy.deepcopy(source)
         self.module.eval()
         self._mode: str | None = None
+        self._mirrors: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         self._ema = self._engine(Constant(float(decay)), 0, shadows=None)
 
     @property
@@ -127,12 +132,32 @@ class _ModelEma(nn.Module):
         ema.load_state_dict({**state, "shadows": {
             n: values[n].detach().to(device=s.device, dtype=s.dtype)
             for n, s in state["shadows"].items()}})
+        self._mirrors = []
         with torch.no_grad():
             for name, shadow in ema.averaged().items():
-                mine[name].data = shadow
+                if mine[name].dtype == shadow.dtype or self.dtype is not None:
+                    mine[name].data = shadow  # a dtype= given: .module takes it, as in timm
+                else:  # a 16-bit model's tensor: keeps its dtype, gets the rounded average
+                    self._mirrors.append((mine[name], shadow, -1))
             for alias, name in state["aliases"].items():
                 mine[alias].data = mine[name].data
+        self._push()
         return ema
+
+    @torch.no_grad()
+    def _push(self) -> None:
+        """The average, rounded, into ``.module``'s tensors of another dtype than the shadows."""
+        for i, (tensor, shadow, _) in enumerate(self._mirrors):
+            tensor.copy_(shadow)
+            self._mirrors[i] = (tensor, shadow, tensor._version)
+
+    @torch.no_grad()
+    def _pull(self) -> None:
+        """What was written into those tensors since (a checkpoint loaded into ``.module``, or
+        :meth:`set`) into the shadows: ``.module`` holds the average."""
+        for tensor, shadow, seen in self._mirrors:
+            if tensor._version != seen:
+                shadow.copy_(tensor)
 
     def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
         if getattr(self, "_ema", None) is not None:
@@ -161,6 +186,7 @@ class _ModelEma(nn.Module):
         for name, tensor in _named(self.module).items():
             if name in named:
                 tensor.copy_(named[name].detach())
+        self._pull()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the EMA model (``.module``)."""
@@ -211,12 +237,14 @@ class ModelEmaV3(_ModelEma):
                          exclude_buffers=exclude_buffers)
 
     def _step_schedule(self, decay: float) -> InverseGamma:
-        if self.use_warmup:
+        if self.use_warmup and self.min_decay < decay:
             return InverseGamma(inv_gamma=self.warmup_gamma, power=self.warmup_power,
-                                min_decay=min(self.min_decay, decay), max_decay=decay,
+                                min_decay=self.min_decay, max_decay=decay,
                                 update_after_step=self.update_after_step)
-        # 0 up to update_after_step + 1, then the constant decay
-        return InverseGamma(min_decay=decay, max_decay=decay,
+        # 0 up to update_after_step + 1, then a constant: timm clamps the warmup to
+        # max(min(warmup, decay), min_decay), which is min_decay when that is the larger
+        top = max(decay, self.min_decay) if self.use_warmup else decay
+        return InverseGamma(min_decay=top, max_decay=top,
                             update_after_step=self.update_after_step)
 
     def get_decay(self, step: int | None = None) -> float:
@@ -252,7 +280,9 @@ class ModelEmaV3(_ModelEma):
                 f"{'with' if self._mode == 'step' else 'without'} step= so far; pass step= on "
                 "every call (the warmup schedule) or on none (the constant decay).")
         self._refresh(model)
+        self._pull()
         self._ema.update(step=step)
+        self._push()
 
 
 class ModelEmaV2(_ModelEma):
@@ -274,4 +304,6 @@ class ModelEmaV2(_ModelEma):
     def update(self, model: nn.Module) -> None:
         """Fold ``model``'s current weights into the average (after ``optimizer.step()``)."""
         self._refresh(model)
+        self._pull()
         self._ema.update()
+        self._push()
