@@ -234,6 +234,10 @@ def test_first_update_far_from_creation_warns():
         warnings.simplefilter("error")
         started.update(step=100)
     assert started.last_decay == 0.5
+    zeros = emakit.EMA({"w": np.zeros(1)}, decay=0.9, start="zeros")  # no initial weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        zeros.update(step=100)
 
 
 @pytest.mark.parametrize(

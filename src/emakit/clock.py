@@ -133,7 +133,8 @@ class DecayClock:
         last_decay: the interval decay of the last committed update (None before any).
     """
 
-    def __init__(self, schedule: Schedule, *, every: object, step: int) -> None:
+    def __init__(self, schedule: Schedule, *, every: object, step: int,
+                 zeros: bool = False) -> None:
         if isinstance(every, bool) or not isinstance(every, numbers.Integral):
             raise TypeError(f"every must be an int, got {every!r} of type "
                             f"{type(every).__name__}.")
@@ -141,6 +142,7 @@ class DecayClock:
             raise ValueError(f"every must be >= 1, got {every!r}.")
         self.schedule = schedule
         self.every = int(every)
+        self.zeros = zeros  # a zero start has no initial weights for a long first gap to drop
         self.restart(step)
 
     def restart(self, step: int) -> None:
@@ -181,7 +183,8 @@ class DecayClock:
             return None
         decay = self.schedule.interval(self.last_update_step, t)
         gap = t - self.last_update_step
-        if self.num_updates == 0 and gap > self.every and decay < 1e-3 and self.schedule(1):
+        if self.num_updates == 0 and gap > self.every and decay < 1e-3 and self.schedule(1) \
+                and not self.zeros:
             warnings.warn(
                 f"the first update at step {t} applies the decay of {gap} steps since the EMA "
                 f"was created at step {self.last_update_step} (total decay {decay:.2g}), which "

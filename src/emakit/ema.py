@@ -98,7 +98,7 @@ class EMA:
                             + (f"; it moved: use {hint}." if hint else "."))
         schedule = resolve_schedule(decay, half_life)
         begin = Start.of(start, schedule)
-        clock = DecayClock(schedule, every=every, step=begin.step)
+        clock = DecayClock(schedule, every=every, step=begin.step, zeros=begin.zeros)
         tracked = Tracked(source, Policy() if policy is None else policy, dtype=dtype,
                           device=device, zeros=begin.zeros, fast=bool(foreach))
         tracked.warn_if_stalling(schedule(1_000_000))

@@ -168,6 +168,7 @@ def _apply(parts: Parts, checked: CheckedState) -> LoadResult:
     parts.tracked.write(checked.shadows)
     parts.clock.restore(checked.step, checked.last_update_step, checked.num_updates,
                         checked.decay_product)
+    parts.clock.zeros = checked.init == "zeros"
     parts.folding.load(checked)
     changed = dict(checked.changed)
     if changed:
