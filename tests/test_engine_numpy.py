@@ -299,3 +299,13 @@ def test_pairs_source():
     a[:] = 3.0
     ema.update()
     np.testing.assert_array_equal(ema.averaged()["a"], [2.0, 2.0])
+
+
+def test_warnings_point_at_the_users_line():
+    import inspect
+
+    with pytest.warns(emakit.EMAWarning) as seen:
+        ema = emakit.EMA({"w": np.zeros(1)}, decay=0.5)
+        line = inspect.currentframe().f_lineno + 1
+        ema.update(step=100)  # the first update discards the initial weights: warns
+    assert [(w.filename, w.lineno) for w in seen] == [(__file__, line)]

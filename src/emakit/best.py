@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from emakit.conversions import real_in_range
 from emakit.ema import EMA
-from emakit.errors import EMAWarning
+from emakit.errors import EMAWarning, user_stacklevel
 from emakit.io.weights import SUFFIXES, write_weights
 
 __all__ = ["KeepBest"]
@@ -137,7 +137,7 @@ class KeepBest:
         if math.isnan(value):
             warnings.warn(f"KeepBest: the metric is NaN at step {self.ema.step}; the best "
                           f"weights ({self.path}) are kept as they are.", EMAWarning,
-                          stacklevel=2)
+                          stacklevel=user_stacklevel())
             return False
         if not self.improves(value):
             return False

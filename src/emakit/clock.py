@@ -28,7 +28,7 @@ import numbers
 import warnings
 from typing import NamedTuple
 
-from emakit.errors import EMAWarning
+from emakit.errors import EMAWarning, user_stacklevel
 from emakit.schedules import Constant, Schedule
 
 __all__ = ["DecayClock", "Start", "Tick", "resolve_schedule"]
@@ -191,7 +191,7 @@ class DecayClock:
                 f"discards the initial weights. If the EMA starts mid-run, create it with "
                 f"EMA(..., start={t - 1}).",
                 EMAWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
         return Tick(t, decay)
 

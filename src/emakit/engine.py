@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Protocol
 
 from emakit.backends import Backend, Plan, SharedRead
 from emakit.clock import DecayClock
-from emakit.errors import EMAWarning, StateDictError, SwapError
+from emakit.errors import EMAWarning, StateDictError, SwapError, user_stacklevel
 from emakit.folding import Folding
 from emakit.names import match_names, renamed_state
 from emakit.state import CheckedState, LoadResult, check_state
@@ -175,7 +175,7 @@ def _apply(parts: Parts, checked: CheckedState) -> LoadResult:
         details = "; ".join(f"{k}: saved {v[0]!r}, current {v[1]!r}" for k, v in changed.items())
         warnings.warn(f"the loaded EMA state was saved with other settings ({details}); the "
                       "current settings stay in force. Pass the saved ones to EMA(...) to keep "
-                      "them.", EMAWarning, stacklevel=4)
+                      "them.", EMAWarning, stacklevel=user_stacklevel())
     return LoadResult(list(checked.missing), list(checked.unexpected), changed)
 
 

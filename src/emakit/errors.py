@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections.abc import Sequence
 
-__all__ = ["EMAWarning", "StateDictError", "SwapError"]
+__all__ = ["EMAWarning", "StateDictError", "SwapError", "user_stacklevel"]
+
+_INSIDE = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+           os.path.abspath(contextlib.__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the calling function that points at the
+    user's line: the first frame outside emakit (and ``contextlib``, which runs its ``with``
+    blocks), however deep the call went inside."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            _INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class EMAWarning(UserWarning):

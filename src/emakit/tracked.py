@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from emakit.backends import Backend, GroupInfo, Plan, backend_for
-from emakit.errors import EMAWarning, StateDictError
+from emakit.errors import EMAWarning, StateDictError, user_stacklevel
 from emakit.policy import Action, Policy
 from emakit.sources import Entry, Source, as_source
 
@@ -151,7 +151,8 @@ class Tracked:
                 f"by (1 - decay) = {1 - late_decay:.2g} of the gap to the weights, and a change "
                 f"below the dtype's resolution ({u:.2g} relative) is rounded away, so the shadow "
                 f"ignores weights that differ from it by less than {ignored:.0%}. Leave dtype "
-                "unset (fp32 shadow) or use a smaller decay.", EMAWarning, stacklevel=4)
+                "unset (fp32 shadow) or use a smaller decay.", EMAWarning,
+                stacklevel=user_stacklevel())
 
     @property
     def shadows(self) -> list[Any]:

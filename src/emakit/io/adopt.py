@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from emakit import schedules
-from emakit.errors import EMAWarning, StateDictError
+from emakit.errors import EMAWarning, StateDictError, user_stacklevel
 from emakit.io.layouts import EMACheckpoint, read_checkpoint
 from emakit.names import match_names, renamed_state
 from emakit.policy import Policy
@@ -143,7 +143,7 @@ def ema_from_checkpoint(cls: type[EMA], source: Any, path: Any, *, names: Any, s
     if missing or unexpected:
         warnings.warn(f"{where}: started {len(weights)} of {len(ema.names)} tracked tensors "
                       f"from the checkpoint; missing {missing[:5]}, unexpected {unexpected[:5]}.",
-                      EMAWarning, stacklevel=3)
+                      EMAWarning, stacklevel=user_stacklevel())
     return ema
 
 
@@ -233,5 +233,5 @@ def _from_emakit(cls: type[EMA], source: Any, found: EMACheckpoint, strict: bool
         warnings.warn(f"{where}: started {len(hits)} of {len(ema.names)} tracked tensors from "
                       f"the checkpoint (names matched {how}); missing {missing[:5]}, "
                       f"unexpected {unexpected[:5]}; the missing ones start from the model's "
-                      "weights.", EMAWarning, stacklevel=3)
+                      "weights.", EMAWarning, stacklevel=user_stacklevel())
     return ema

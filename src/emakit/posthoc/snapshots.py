@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from emakit.errors import EMAWarning, StateDictError, SwapError
+from emakit.errors import EMAWarning, StateDictError, SwapError, user_stacklevel
 from emakit.hooks import Attachment, hookable
 from emakit.multi import MultiEMA
 from emakit.posthoc.manifest import Entry, Manifest, file_name, read_manifest, write_manifest
@@ -401,16 +401,16 @@ class Snapshots:
         if saved_every != self._snapshot_every:
             warnings.warn(f"the state was recorded with snapshot_every={saved_every!r}; these "
                           f"Snapshots use {self._snapshot_every} from step {due} on.",
-                          EMAWarning, stacklevel=2)
+                          EMAWarning, stacklevel=user_stacklevel())
         if stale:
             _once(lambda: self._drop(stale), self._collective)
             warnings.warn(
                 f"dropped {len(stale)} snapshot files after step {step} (steps "
                 f"{min(e.step for e in stale)}-{max(e.step for e in stale)}) from "
                 f"{str(self._dir)!r}: they were written after the checkpoint being resumed; "
-                "the resumed run writes its own.", EMAWarning, stacklevel=2)
+                "the resumed run writes its own.", EMAWarning, stacklevel=user_stacklevel())
         if len(self._entries) < written:
             warnings.warn(f"the state was saved after {written} snapshot files were written, "
                           f"but {str(self._dir)!r} lists {len(self._entries)} up to step {step}: "
                           "the others are not in this folder (resuming into a new folder?).",
-                          EMAWarning, stacklevel=2)
+                          EMAWarning, stacklevel=user_stacklevel())
