@@ -38,9 +38,8 @@ class MultiEMA:
             :class:`~emakit.EMA`.
         decays: two or more decays (floats in [0, 1] or :mod:`emakit.schedules` schedules), one
             average each.
-        **options: the other keyword arguments of :class:`~emakit.EMA` (``every``, ``init``,
-            ``dtype``, ``device``, ``policy``, ``skip_nonfinite``, ``foreach``, ``step``), shared
-            by all the averages.
+        **options: the other keyword arguments of :class:`~emakit.EMA` (``every``, ``dtype``,
+            ``device``, ``policy``, ``start``, ``foreach``), shared by all the averages.
 
     Raises:
         TypeError, ValueError: for bad arguments (as :class:`~emakit.EMA`), fewer than two
