@@ -197,6 +197,15 @@ def _log_csv(path, n=300):
     return loss
 
 
+def test_smooth_keeps_every_digit_of_a_wall_clock_x(capsys, tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("step,loss,time\n1,0.5,1717171717.123456\n2,0.25,1717171717.5\n")
+    rc, out, _ = _run(capsys, "smooth", log, "--column", "loss", "--alpha", "0.5", "--x", "time")
+    assert rc == 0
+    assert [line.split(",")[0] for line in out.splitlines()[1:]] == ["1717171717.123456",
+                                                                      "1717171717.5"]
+
+
 def test_smooth_names_a_folder_as_a_folder(capsys, tmp_path):
     rc, _, err = _run(capsys, "smooth", tmp_path, "--column", "loss", "--alpha", "0.1")
     assert rc == 2 and "is a folder; give the log file" in err

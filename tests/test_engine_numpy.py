@@ -304,8 +304,8 @@ def test_pairs_source():
 def test_warnings_point_at_the_users_line():
     import inspect
 
+    ema = emakit.EMA({"w": np.zeros(1)}, decay=0.5)
+    line = inspect.currentframe().f_lineno + 2
     with pytest.warns(emakit.EMAWarning) as seen:
-        ema = emakit.EMA({"w": np.zeros(1)}, decay=0.5)
-        line = inspect.currentframe().f_lineno + 1
         ema.update(step=100)  # the first update discards the initial weights: warns
     assert [(w.filename, w.lineno) for w in seen] == [(__file__, line)]

@@ -184,7 +184,9 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _lines(xs: np.ndarray, values: np.ndarray, smoothed: np.ndarray) -> Iterator[str]:
     """The CSV body in blocks of rows: NaN as an empty cell, ``inf`` / ``-inf`` as they are, x
-    as a whole number when it is one (every digit of a step), other numbers to 10 digits."""
+    as a whole number when it is one (every digit of a step), else as Python writes it (the
+    shortest text that reads back as the same float: a wall-clock x keeps its fraction, and
+    two rows never share an x they did not share in the log); the values to 10 digits."""
     for start in range(0, len(values), _ROWS_PER_WRITE):
         x = xs[start:start + _ROWS_PER_WRITE]
         n = len(x)
@@ -195,7 +197,7 @@ def _lines(xs: np.ndarray, values: np.ndarray, smoothed: np.ndarray) -> Iterator
         else:
             cells = [None] * (3 * n)
             cells[0::3] = x.tolist()
-            line = "%.10g,%.10g,%.10g\n"
+            line = "%r,%.10g,%.10g\n"
         cells[1::3] = values[start:start + n].tolist()
         cells[2::3] = smoothed[start:start + n].tolist()
         yield (line * n % tuple(cells)).replace("nan", "")  # one C-level format per block
