@@ -118,6 +118,13 @@ def test_bench_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     (tmp_path / "file").write_text("x")
     assert main(["bench", "--out", str(tmp_path / "file")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["bench", "--threads", "0", "--out", str(tmp_path)]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["bench", "--device", "tpu", "--out", str(tmp_path)]) == 2
+    assert "--device must be cpu or cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device", "cuda", "--out", str(tmp_path)]) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
 
 
 @pytest.mark.slow

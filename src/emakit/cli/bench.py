@@ -37,7 +37,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--bf16", action="store_true",
-                   help="also time emakit on bf16 copies of the models (fp32 shadows)")
+                   help="also time emakit on bf16 copies of the models (fp32 shadows): "
+                        "emakit, emakit loop, emakit flat, emakit flat multi x2, or those of "
+                        "them given with --contenders")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                    help="folder for the .md and .json results (created if needed; default "
                         "benchmarks/results under the current folder)")
@@ -120,8 +122,16 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise CLIError(f"--out {str(args.out)!r} is a file, not a folder; give a folder for the "
                        ".md and .json results.")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {args.threads}.")
     import torch
+
+    if args.device not in ("cpu", "cuda") and not str(args.device).startswith("cuda:"):
+        raise CLIError(f"--device must be cpu or cuda (cuda:N), got {args.device!r}.")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA "
+                       "device. Run on a machine with a GPU, or use --device cpu.")
+    args.out.mkdir(parents=True, exist_ok=True)
 
     threads = args.threads or torch.get_num_threads()
     base = {"device": args.device, "threads": threads,
@@ -131,9 +141,10 @@ def run(args: argparse.Namespace) -> int:
         groups = [contenders] if args.quick else [[c] for c in contenders]
         jobs += [{**base, "model": m, "contenders": g} for g in groups]
         if args.bf16:
-            jobs.append({**base, "model": m, "contenders": ["emakit", "emakit loop",
-                                                            "emakit flat", "emakit flat multi x2"],
-                         "dtype": "bfloat16"})
+            bf16 = ["emakit", "emakit loop", "emakit flat", "emakit flat multi x2"]
+            chosen = [c for c in bf16 if c in contenders] if args.contenders else bf16
+            if chosen:
+                jobs.append({**base, "model": m, "contenders": chosen, "dtype": "bfloat16"})
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     device = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "-")
