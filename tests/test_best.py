@@ -214,3 +214,10 @@ def test_bad_arguments(tmp_path):
         keep.observe(torch.ones(2))
     with pytest.raises(TypeError, match="metric must be a number, got True"):
         keep.observe(True)
+
+
+def test_a_format_that_cannot_hold_the_weights_is_refused_when_made(tmp_path):
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"\.npz \(numpy\) has no bfloat16"):
+        emakit.KeepBest(emakit.EMA(model), tmp_path / "best.npz")
+    emakit.KeepBest(emakit.EMA(model), tmp_path / "best.safetensors")  # fine

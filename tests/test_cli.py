@@ -206,6 +206,15 @@ def test_smooth_keeps_every_digit_of_a_wall_clock_x(capsys, tmp_path):
                                                                       "1717171717.5"]
 
 
+def test_smooth_checks_the_plot_folder_before_writing_anything(capsys, tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("step,loss\n1,0.5\n2,0.4\n")
+    rc, _, err = _run(capsys, "smooth", log, "--column", "loss", "--alpha", "0.5",
+                      "--out", tmp_path / "ok.csv", "--plot", tmp_path / "missing" / "x.png")
+    assert rc == 2 and "does not exist; create it first. Nothing was written." in err
+    assert not (tmp_path / "ok.csv").exists()
+
+
 def test_smooth_names_a_folder_as_a_folder(capsys, tmp_path):
     rc, _, err = _run(capsys, "smooth", tmp_path, "--column", "loss", "--alpha", "0.1")
     assert rc == 2 and "is a folder; give the log file" in err

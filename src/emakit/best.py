@@ -47,6 +47,23 @@ def _as_float(metric: object) -> float:
                     f"of type {type(metric).__name__}.")
 
 
+def _check_format(path: Path, ema: EMA) -> None:
+    """Refuse a file format that could not hold this EMA's weights."""
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        bf16 = [n for n, d in ema.source_dtypes().items() if d == "bfloat16"]
+        if bf16:
+            raise ValueError(f"path {str(path)!r}: .npz (numpy) has no bfloat16, and the model "
+                             f"has {len(bf16)} bfloat16 tensor(s) (e.g. {bf16[0]!r}). Use "
+                             ".safetensors or .pt.")
+    if suffix == ".pt":
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise ValueError(f"path {str(path)!r}: writing .pt needs torch, which is not "
+                             "installed. Use .safetensors or .npz.")
+
+
 class KeepBest:
     """Save the EMA weights whenever a validation metric improves.
 
@@ -96,6 +113,8 @@ class KeepBest:
         if save is not None and not callable(save):
             raise TypeError(f"save must be callable as save(tensors, path, metadata), got "
                             f"{type(save).__name__}.")
+        if save is None:
+            _check_format(self.path, ema)  # now, not at the first improvement mid-training
         self.ema = ema
         self.mode = mode
         self.min_delta = delta

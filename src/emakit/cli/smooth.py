@@ -219,6 +219,16 @@ def run(args: argparse.Namespace) -> int:
                            "destroy the log. Choose another file.")
     if args.out is not None and args.plot is not None and _same_file(args.out, args.plot):
         raise CLIError(f"--out and --plot are the same file {str(args.out)!r}; give two files.")
+    for flag in ("out", "plot"):  # checked before anything is written
+        target = getattr(args, flag)
+        folder = Path(target).parent if target is not None else None
+        if folder is not None and not folder.is_dir():
+            raise CLIError(f"--{flag} {str(target)!r}: the folder {str(folder)!r} does not "
+                           "exist; create it first. Nothing was written.")
+    if args.plot:
+        from emakit.cli.figures import pyplot
+
+        pyplot()  # matplotlib is there (else the error says how to install it)
     xs, values, xname = read_column(args.file, args.column, args.x)
     smoothed = ewm(values, alpha=args.alpha, half_life=args.half_life, span=args.span,
                    com=args.com, adjust=not args.no_adjust, ignore_na=args.ignore_na,
