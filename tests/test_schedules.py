@@ -2,10 +2,12 @@ import json
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import emakit
 from emakit import schedules as S
 
 ALL = [
@@ -320,3 +322,31 @@ def test_a_new_schedule_is_one_class():
     assert parse_schedule("half-then-full:late=0.7") == HalfThenFull(0.7)
     assert parse_schedule("power:gamma=2").gamma == 2.0  # an alias
     assert HalfThenFull().interval(0, 4) == 0.5 * 0.5 * 0.9 * 0.9
+
+
+def test_a_schedule_the_state_could_not_record_is_refused_when_the_ema_is_made():
+    class NotADataclass(S.Schedule):
+        def __call__(self, step):
+            return 0.9
+
+    with pytest.raises(TypeError, match="Make the class a frozen dataclass with a kind"):
+        emakit.EMA({"w": np.zeros(2)}, decay=NotADataclass())
+
+
+def test_a_file_with_a_schedule_this_process_does_not_know_says_so(tmp_path):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Elsewhere(S.Schedule):
+        kind = "defined_elsewhere_for_this_test"
+        d: float = 0.9
+
+        def __call__(self, step):
+            return self.d
+
+    ema = emakit.EMA({"w": np.zeros(2)}, decay=Elsewhere())
+    ema.update()
+    emakit.save(ema, tmp_path / "e.safetensors")
+    del S.REGISTRY[Elsewhere.kind]  # as in a process that never imported its module
+    with pytest.raises(emakit.StateDictError, match="Import the module that defines"):
+        emakit.read_state(tmp_path / "e.safetensors")

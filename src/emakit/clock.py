@@ -48,6 +48,7 @@ def resolve_schedule(decay: object, half_life: object) -> Schedule:
     if decay is None:
         return Constant(0.999)
     if isinstance(decay, Schedule):
+        _check_saveable(decay)
         return decay
     if isinstance(decay, numbers.Real):  # Constant rejects bool with a clear message
         return Constant(decay)  # type: ignore[arg-type]
@@ -55,6 +56,18 @@ def resolve_schedule(decay: object, half_life: object) -> Schedule:
         f"decay must be a float in [0, 1] or a schedule from emakit.schedules, got {decay!r} of "
         f"type {type(decay).__name__}. Examples: decay=0.999, half_life=2000, "
         "decay=emakit.schedules.InverseGamma(max_decay=0.9999).")
+
+
+def _check_saveable(schedule: Schedule) -> None:
+    """Refuse now a schedule that ``state_dict()`` / files could not record later."""
+    try:
+        schedule.to_dict()
+    except (TypeError, AttributeError) as exc:
+        raise TypeError(
+            f"decay={schedule!r}: the EMA's state records its schedule with to_dict(), which "
+            f"fails for {type(schedule).__name__} ({exc}). Make the class a frozen dataclass "
+            "with a kind (class MySchedule(Schedule): kind = 'mine', fields as dataclass "
+            "fields), or give it to_dict() and from_fields().") from None
 
 
 def _start_step(step: object) -> int:

@@ -218,6 +218,12 @@ def check_fields(where: str, state: Mapping[str, Any], *, label: str = "state ke
         _bad(where, label, "decay", "a schedule dict", decay)
     from emakit import schedules
 
+    kind = decay.get("kind")
+    if isinstance(kind, str) and kind not in schedules.REGISTRY:
+        raise StateDictError(f"{where}: {label} 'decay' is a schedule of kind "
+                             f"{_short(kind, 60)}, which this process does not know",
+                             fix="Import the module that defines that Schedule subclass (the "
+                                 "class registers its kind) before reading the file.")
     try:
         schedules.from_dict(dict(decay))
     except Exception as exc:  # untrusted fields: any failure means "not a schedule"
