@@ -207,7 +207,7 @@ def test_export_refuses_a_zero_init_ema_before_its_first_update(
         torch.save(ema.state_dict(), path)
     out = tmp_path / "m.safetensors"
     assert main(["export", str(path), "--out", str(out)]) == 2
-    assert "holds no average yet: the EMA (init='zeros') was saved before its first update" in \
+    assert "holds no average yet: the EMA (start='zeros') was saved before its first update" in \
         capsys.readouterr().err
     assert not out.exists()
     assert main(["inspect", str(path), "--json"]) == 0

@@ -97,7 +97,8 @@ EDITS = [
     ("decay_product", '"0"', r"header key 'decay_product' must be a number in \[0, 1\]"),
     ("init", '"ones"', r"header key 'init' must be 'copy' or 'zeros'"),
     ("backend", "3", r"header key 'backend' must be 'torch' or 'numpy'"),
-    ("decay", '{"kind": "Nope"}', r"header key 'decay' is not a schedule emakit knows"),
+    ("decay", '{"kind": "Nope"}', r"header key 'decay' is a schedule of kind 'Nope', which this process "
+                                      r"does not know"),
     ("decay", '{"kind": ["x"]}', r"header key 'decay' is not a schedule emakit knows"),
     ("decay", '{"kind": "Constant", "decay": "0.5"}', r"header key 'decay' is not a schedule"),
     ("policy", "7", r"header key 'policy' must be a dict"),

@@ -42,8 +42,8 @@ __all__ = ["Folding", "Guarded", "Plain", "for_policy"]
 
 def _no_average(names: list[str], why: str) -> SwapError:
     shown = ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
-    return SwapError(f"an EMA with init='zeros' has no average yet for {len(names)} tensor(s): "
-                     f"{shown}. {why}")
+    return SwapError(f"an EMA started at zero (start='zeros') has no average yet for "
+                     f"{len(names)} tensor(s): {shown}. {why}")
 
 
 class Folding:
@@ -71,8 +71,8 @@ class Folding:
         if self.init != "zeros":
             return None
         if num_updates == 0:
-            raise SwapError("an EMA with init='zeros' has no average before its first update "
-                            "(it would be all zeros). Call update() first.")
+            raise SwapError("an EMA started at zero (start='zeros') has no average before its "
+                            "first update (it would be all zeros). Call update() first.")
         divisors = average_divisors(self.init, decay_product, None, self.tracked.avg_names)
         if divisors is not None and any(d <= 0.0 for d in divisors.values()):
             raise _no_average(self.tracked.avg_names, "Every update so far applied decay 1, "

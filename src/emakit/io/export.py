@@ -128,7 +128,7 @@ def export_weights(path: str | os.PathLike[str], out: str | os.PathLike[str], *,
                          "list; give the parameter names (one per line, in the model's "
                          "named_parameters() order) with --names FILE.")
     if found.empty:
-        raise ValueError(f"{str(path)!r} holds no average yet: the EMA (init='zeros') was saved "
+        raise ValueError(f"{str(path)!r} holds no average yet: the EMA (start='zeros') was saved "
                          "before its first update, so its shadows are zeros, not weights. "
                          "Export a checkpoint saved after at least one update.")
     notes = []
