@@ -221,3 +221,15 @@ def test_a_format_that_cannot_hold_the_weights_is_refused_when_made(tmp_path):
     with pytest.raises(ValueError, match=r"\.npz \(numpy\) has no bfloat16"):
         emakit.KeepBest(emakit.EMA(model), tmp_path / "best.npz")
     emakit.KeepBest(emakit.EMA(model), tmp_path / "best.safetensors")  # fine
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_a_torch_file_without_torch_is_refused_when_made(tmp_path, monkeypatch, suffix):
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else find(name, *a))
+    ema = emakit.EMA({"w": np.zeros(2)}, decay=0.5)
+    with pytest.raises(ValueError, match="needs torch, which is not installed"):
+        emakit.KeepBest(ema, tmp_path / f"best{suffix}")

@@ -332,6 +332,20 @@ def test_a_schedule_the_state_could_not_record_is_refused_when_the_ema_is_made()
     with pytest.raises(TypeError, match="Make the class a frozen dataclass with a kind"):
         emakit.EMA({"w": np.zeros(2)}, decay=NotADataclass())
 
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class NotJSON(S.Schedule):  # a field the state's JSON cannot hold
+        kind = "not_json_for_this_test"
+        fn: object = print
+
+        def __call__(self, step):
+            return 0.9
+
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        emakit.EMA({"w": np.zeros(2)}, decay=NotJSON())
+    del S.REGISTRY[NotJSON.kind]
+
 
 def test_a_file_with_a_schedule_this_process_does_not_know_says_so(tmp_path):
     import dataclasses

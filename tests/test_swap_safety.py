@@ -116,3 +116,107 @@ def test_another_threads_save_waits_for_the_swapped_block_to_end(tmp_path):
     worker.join(timeout=60)
     assert result == [False]
     assert emakit.read_state(tmp_path / "ckpt.safetensors")["step"] == 1
+
+
+def test_a_members_swapped_block_and_a_multi_update_in_two_threads_take_turns():
+    import threading
+
+    model = bn_model()
+    multi = emakit.MultiEMA(model, decays=(0.5, 0.9))
+    inside, done = threading.Event(), []
+
+    def trainer():
+        inside.wait()
+        multi.update()
+        done.append("update")
+
+    worker = threading.Thread(target=trainer)
+    worker.start()
+    with multi[1].swapped():
+        inside.set()
+        multi[0].averaged()  # another member's lock: the same one, so no deadlock
+    worker.join(timeout=60)
+    assert not worker.is_alive() and done == ["update"]
+
+
+def test_an_attached_step_in_another_thread_waits_for_the_swapped_block():
+    import threading
+
+    model = bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = emakit.EMA(model, decay=0.9)
+    ema.attach(opt)
+    model(torch.randn(8, 8)).square().mean().backward()
+    inside, errors = threading.Event(), []
+
+    def trainer():
+        inside.wait()
+        try:
+            opt.step()
+        except emakit.SwapError as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=trainer)
+    worker.start()
+    with ema.swapped():
+        inside.set()
+        worker.join(timeout=0.5)
+    worker.join(timeout=60)
+    assert errors == [] and ema.step == 1
+
+
+@pytest.mark.parametrize("kind", ["zeros", "bema"])
+def test_in_place_writes_into_temporary_swapped_values_are_not_reported(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5))  # renormalises rows in forward
+    ema = emakit.EMA(model, decay=0.9, start="zeros") if kind == "zeros" else emakit.BEMA(model)
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    ema.update()
+    before = snapshot(ema)
+    with ema.swapped():
+        model(torch.arange(10))  # writes into the swapped-in values: temporaries here
+    assert_unchanged(ema, before)
+
+
+def test_swapped_works_for_a_model_made_under_inference_mode():
+    with torch.inference_mode():  # its tensors keep no version counter
+        model = nn.Sequential(nn.Linear(8, 4))
+        ema = emakit.EMA(model, decay=0.9)
+        model[0].weight.add_(1.0)
+        ema.update()
+    training = {k: v.clone() for k, v in model.state_dict().items()}
+    with ema.swapped():
+        assert torch.equal(model[0].weight, ema.averaged()["0.weight"])
+    assert all(torch.equal(v, training[k]) for k, v in model.state_dict().items())
+
+
+def test_the_blocks_own_error_is_raised_and_the_write_reported_as_a_warning():
+    model = bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = emakit.EMA(model, decay=0.9)
+    model[0](torch.randn(4, 8)).square().mean().backward()
+
+    def evaluate_then_fail():
+        with ema.swapped():
+            opt.step()
+            raise KeyError("from the block")
+
+    with pytest.warns(emakit.EMAWarning, match="written in place"), \
+            pytest.raises(KeyError, match="from the block"):
+        evaluate_then_fail()
+
+
+def test_bema_store_and_copy_to_corrects_with_the_training_weights():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    bema = emakit.BEMA(model)
+    for t in range(1, 8):
+        with torch.no_grad():
+            model.weight.add_(0.1 * t)
+        bema.update()
+    before = snapshot(bema)
+    bema.store()
+    bema.copy_to()
+    assert_unchanged(bema, before)
+    bema.restore()

@@ -56,7 +56,7 @@ def _check_format(path: Path, ema: EMA) -> None:
             raise ValueError(f"path {str(path)!r}: .npz (numpy) has no bfloat16, and the model "
                              f"has {len(bf16)} bfloat16 tensor(s) (e.g. {bf16[0]!r}). Use "
                              ".safetensors or .pt.")
-    if suffix == ".pt":
+    if suffix in (".pt", ".pth"):
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:

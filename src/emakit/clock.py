@@ -60,9 +60,11 @@ def resolve_schedule(decay: object, half_life: object) -> Schedule:
 
 def _check_saveable(schedule: Schedule) -> None:
     """Refuse now a schedule that ``state_dict()`` / files could not record later."""
+    import json
+
     try:
-        schedule.to_dict()
-    except (TypeError, AttributeError) as exc:
+        json.dumps(schedule.to_dict())  # what the state and the files hold
+    except (TypeError, AttributeError, ValueError) as exc:
         raise TypeError(
             f"decay={schedule!r}: the EMA's state records its schedule with to_dict(), which "
             f"fails for {type(schedule).__name__} ({exc}). Make the class a frozen dataclass "

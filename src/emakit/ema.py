@@ -25,14 +25,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Callable, Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 from emakit import engine, schedules
 from emakit.backends import GroupInfo
 from emakit.clock import DecayClock, Start, resolve_schedule
-from emakit.errors import SwapError
+from emakit.errors import EMAWarning, SwapError, user_stacklevel
 from emakit.folding import Folding, for_policy
 from emakit.hooks import Attachment, Hooks
 from emakit.policy import Action, Policy
@@ -242,7 +243,9 @@ class EMA:
             return self._hooks.attach(optimizer, overlap)
 
     def _before_step(self) -> None:
-        if self._swap.swapped:
+        with self._lock:  # another thread's swapped() block: wait for its end
+            swapped = self._swap.swapped
+        if swapped:
             raise SwapError(
                 "optimizer.step() called while the EMA weights are swapped in: the step would "
                 "write into the average itself (the model's tensors use the shadows' memory). "
@@ -327,8 +330,13 @@ class EMA:
             self.apply_shadow()
             try:
                 yield self
-            finally:
-                self.restore()
+            except BaseException:
+                try:
+                    self.restore()
+                except SwapError as exc:  # the block's own error is the one to see
+                    warnings.warn(str(exc), EMAWarning, stacklevel=user_stacklevel())
+                raise
+            self.restore()
 
     @_locked
     def copy_to(self, target: Any = None, *, strict: bool = True) -> list[str]:
@@ -441,6 +449,15 @@ class EMA:
         """Bring back the training weights after :meth:`apply_shadow` or :meth:`store`."""
         self._swap.restore(parameters)
 
+
+
+def share_lock(emas: Sequence[EMA]) -> None:
+    """Give EMAs that are updated together one lock (package-internal, for
+    :class:`~emakit.MultiEMA`): a thread in one member's ``swapped()`` block and a thread
+    updating them all then take turns instead of each holding a lock the other waits for."""
+    shared = threading.RLock()
+    for ema in emas:
+        ema._lock = shared
 
 
 def set_checkpoint_reader(reader: Callable[..., Any]) -> None:

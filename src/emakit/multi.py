@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from emakit import engine
-from emakit.ema import EMA
+from emakit.ema import EMA, share_lock
 from emakit.errors import StateDictError
 from emakit.schedules import Schedule
 from emakit.state import FORMAT_VERSION, LoadResult
@@ -75,6 +75,7 @@ class MultiEMA:
                 "MultiEMA(model, decays=(0.999, 0.9999)); for one average use EMA(model, ...)."
             )
         self._members = [EMA(source, decay=d, **options) for d in decays]
+        share_lock(self._members)  # one lock: a member's swapped() and update() take turns
         self._shared = engine.SharedCache()
 
     # ------------------------------------------------------------------------------ access

@@ -41,7 +41,8 @@ class UndoRecord(NamedTuple):
 
 def swap_in(backend: Backend, targets: Sequence[Any], values: Sequence[Any],
             keep_with: Sequence[Any] | None = None,
-            repointable: Sequence[bool] | None = None) -> UndoRecord:
+            repointable: Sequence[bool] | None = None,
+            watched: Sequence[bool] | None = None) -> UndoRecord:
     """Make each target hold its value; the record brings the targets back.
 
     Args:
@@ -52,6 +53,9 @@ def swap_in(backend: Backend, targets: Sequence[Any], values: Sequence[Any],
             into is kept (its shadow, to spare accelerator memory); None: the target's own.
         repointable: per target, False where it must be copied into even if a pointer swap
             would fit (a view of memory someone else owns, e.g. an FSDP shard).
+        watched: per target, True where the value is memory to protect (a shadow itself, not
+            a temporary): in-place writes through such a re-pointed target are counted
+            (:func:`written`); None: all.
 
     Returns:
         An :class:`UndoRecord` of kind ``"swap"``.
@@ -68,11 +72,12 @@ def swap_in(backend: Backend, targets: Sequence[Any], values: Sequence[Any],
                 copy_targets.append(target)
                 copy_values.append(value)
         backend.copy_(copy_targets, copy_values)
+        writes = tuple(backend.writes(t) if ptr and (watched is None or watched[i]) else None
+                       for i, (t, _, ptr) in enumerate(done))
     except BaseException:
         undo(backend, UndoRecord("swap", done))
         raise
-    return UndoRecord("swap", done, tuple(backend.writes(t) if ptr else None
-                                          for t, _, ptr in done))
+    return UndoRecord("swap", done, writes)
 
 
 def written(backend: Backend, record: UndoRecord) -> list[int]:
@@ -124,7 +129,10 @@ class Swapper:
         """Put ``values`` (the averages, tracked order) into the source."""
         self.refuse("apply_shadow() called", stored_too=True)
         t = self.tracked
-        self.record = swap_in(t.backend, t.fetch(), values, t.shadows, t.repointable())
+        t.reshard()  # FSDP: no module left unsharded, holding a copy of the shards
+        shadows = t.shadows
+        self.record = swap_in(t.backend, t.fetch(), values, shadows, t.repointable(),
+                              [v is s for v, s in zip(values, shadows)])
         t.held = {name: old for name, (_, old, _) in zip(t.names, self.record.entries)}
 
     def back_up(self, parameters: Any = None) -> None:
@@ -132,7 +140,9 @@ class Swapper:
         be tracked tensors)."""
         self.refuse("store() called", stored_too=True)
         self.tracked.check_given(parameters, "store")
-        self.record = back_up(self.tracked.backend, self.tracked.fetch())
+        t = self.tracked
+        self.record = back_up(t.backend, t.fetch())
+        t.held = {name: old for name, (_, old, _) in zip(t.names, self.record.entries)}
 
     def restore(self, parameters: Any = None) -> None:
         """Put back what :meth:`swap_in` or :meth:`back_up` replaced."""
@@ -142,6 +152,7 @@ class Swapper:
                             "store() first (or use the swapped() context manager).")
         record, self.record = self.record, None
         self.tracked.held = None
+        self.tracked.reshard()  # an eval forward inside left a copy of the EMA weights unsharded
         changed = written(self.tracked.backend, record)
         undo(self.tracked.backend, record)
         if changed:

@@ -131,6 +131,14 @@ class Tracked:
         self.plan: Plan | None = None
         self.held: dict[str, Any] | None = None  # the training weights while swapped out
 
+    def reshard(self) -> None:
+        """Put an FSDP2 model's modules back in their sharded state (no-op for other models):
+        a module an eval forward left unsharded holds a gathered copy of the parameters."""
+        if self.specs:
+            from emakit.distributed import shards
+
+            shards.reshard(getattr(self.source, "module", None))
+
     def training(self, names: Sequence[str]) -> list[Any]:
         """The training weights of ``names``: the source's tensors, or, while the EMA weights
         are swapped in, what the swap took out (:class:`~emakit.swap.Swapper` sets it)."""

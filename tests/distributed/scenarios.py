@@ -372,10 +372,30 @@ def posthoc_recording_of_a_sharded_model(rank: int, world: int, tmp: Path) -> No
         other.update()
 
 
+def forward_after_swapped_uses_the_training_weights(rank: int, world: int, tmp: Path) -> None:
+    """An eval forward inside swapped() leaves the root module unsharded with the EMA weights;
+    the training forward after the block must gather the training weights again."""
+    model, ref = shard(make_model(16)), make_model(16)  # BatchNorm: parameters of the root
+    ema = emakit.EMA(model, decay=0.5)
+    with torch.no_grad():
+        for m in (model, ref):
+            for p in m.parameters():
+                p.add_(1.0)
+    ema.update()
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3))
+    with ema.swapped():
+        model.eval()
+        model(x)
+    model.train()
+    got, want = model(x), ref(x)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (got - want).abs().max()
+
+
 TWO_RANKS = ["update_is_local_and_bitwise", "options_schedules_every_and_multi",
              "bf16_mixed_precision_and_2d_mesh", "mixed_sharded_and_plain_and_flatten",
              "verbs_on_shards", "files_and_distributed_checkpoints", "ddp_and_compiled_names",
-             "posthoc_recording_of_a_sharded_model"]
+             "posthoc_recording_of_a_sharded_model",
+             "forward_after_swapped_uses_the_training_weights"]
 
 
 # ------------------------------------------------------------------ one rank, after two

@@ -173,6 +173,10 @@ def test_half_precision_models_keep_their_dtype_in_module_over_a_float32_average
     other.update(model)
     want = torch.lerp(saved["head.weight"].float(), model.head.weight.float(), 1 - 0.9)
     assert torch.equal(other.ema.averaged()["head.weight"], want)
+    # read before any update, the engine holds what was loaded too
+    third = ModelEmaV3(net().to(torch.bfloat16), decay=0.9)
+    third.module.load_state_dict(saved)
+    assert torch.equal(third.ema.averaged()["head.weight"], saved["head.weight"].float())
 
 
 def test_device_and_dtype_arguments():

@@ -109,12 +109,13 @@ class _ModelEma(nn.Module):
         self.module = copy.deepcopy(source)
         self.module.eval()
         self._mode: str | None = None
-        self._mirrors: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        self._mirrors: list[tuple[str, torch.Tensor, int]] = []
         self._ema = self._engine(Constant(float(decay)), 0, shadows=None)
 
     @property
     def ema(self) -> EMA:
         """The :class:`emakit.EMA` doing the work (e.g. ``emakit.save(model_ema.ema, path)``)."""
+        self._pull()  # a checkpoint loaded into .module is the average from now on
         return self._ema
 
     def _engine(self, schedule: Schedule, step: int, shadows: dict[str, torch.Tensor] | None
@@ -138,26 +139,38 @@ class _ModelEma(nn.Module):
                 if mine[name].dtype == shadow.dtype or self.dtype is not None:
                     mine[name].data = shadow  # a dtype= given: .module takes it, as in timm
                 else:  # a 16-bit model's tensor: keeps its dtype, gets the rounded average
-                    self._mirrors.append((mine[name], shadow, -1))
+                    if mine[name].device != shadow.device:  # device=: .module goes there too
+                        mine[name].data = torch.empty_like(mine[name], device=shadow.device)
+                    self._mirrors.append((name, mine[name], -1))
             for alias, name in state["aliases"].items():
                 mine[alias].data = mine[name].data
+        self._ema = ema
         self._push()
         return ema
 
     @torch.no_grad()
     def _push(self) -> None:
-        """The average, rounded, into ``.module``'s tensors of another dtype than the shadows."""
-        for i, (tensor, shadow, _) in enumerate(self._mirrors):
-            tensor.copy_(shadow)
-            self._mirrors[i] = (tensor, shadow, tensor._version)
+        """The average, rounded, into ``.module``'s tensors of another dtype than the shadows
+        (read through ``averaged()``, which waits for an offloaded fold)."""
+        if not self._mirrors:
+            return
+        average = self._ema.averaged()
+        for i, (name, tensor, _) in enumerate(self._mirrors):
+            tensor.copy_(average[name])
+            self._mirrors[i] = (name, tensor, tensor._version)
 
     @torch.no_grad()
     def _pull(self) -> None:
         """What was written into those tensors since (a checkpoint loaded into ``.module``, or
         :meth:`set`) into the shadows: ``.module`` holds the average."""
-        for tensor, shadow, seen in self._mirrors:
-            if tensor._version != seen:
-                shadow.copy_(tensor)
+        stale = [(i, name, tensor) for i, (name, tensor, seen) in enumerate(self._mirrors)
+                 if tensor._version != seen]
+        if not stale:
+            return
+        shadows = self._ema.state_dict()["shadows"]  # the live shadows, by name
+        for i, name, tensor in stale:
+            shadows[name].copy_(tensor)
+            self._mirrors[i] = (name, tensor, tensor._version)
 
     def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
         if getattr(self, "_ema", None) is not None:

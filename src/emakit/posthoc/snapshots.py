@@ -244,7 +244,8 @@ class Snapshots:
 
     def _unswapped(self) -> None:
         """Refuse an optimizer step while an average is swapped into the model."""
-        swapped = [s for s, ema in zip(self._sigma_rels, self._emas) if ema.is_swapped]
+        with self._emas[0].lock:  # the members share it: another thread's swap ends first
+            swapped = [s for s, ema in zip(self._sigma_rels, self._emas) if ema.is_swapped]
         if swapped:
             raise SwapError(f"optimizer.step() called while the average of sigma_rel "
                             f"{swapped[0]} is swapped in: the step would write into it. Nothing "

@@ -196,7 +196,10 @@ class TorchBackend(Backend):
         return previous
 
     def writes(self, x: Any) -> int | None:
-        return int(x._version)  # autograd's version counter: bumped by every in-place op
+        try:
+            return int(x._version)  # autograd's version counter: bumped by every in-place op
+        except RuntimeError:  # an inference tensor keeps none
+            return None
 
     def as_native(self, x: object, name: str) -> Any:
         if isinstance(x, np.ndarray):
