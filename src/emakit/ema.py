@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -33,7 +32,7 @@ from typing import Any, TypeVar
 from emakit import engine, schedules
 from emakit.backends import GroupInfo
 from emakit.clock import DecayClock, Start, resolve_schedule
-from emakit.errors import EMAWarning, SwapError, user_stacklevel
+from emakit.errors import SwapError
 from emakit.folding import Folding, for_policy
 from emakit.hooks import Attachment, Hooks
 from emakit.policy import Action, Policy
@@ -106,7 +105,7 @@ class EMA:
         folding = self._folding(tracked, clock, "zeros" if begin.zeros else "copy")
         self._parts = engine.Parts(tracked, clock, folding)
         self._swap = Swapper(tracked)
-        self._hooks = Hooks(tracked, self._after_step, self._before_step)
+        self._hooks = Hooks(tracked, self._after_step, lambda: self._swap.refuse_step(self._lock))
         self._lock: threading.RLock = threading.RLock()
 
     def _folding(self, tracked: Tracked, clock: DecayClock, init: str) -> Folding:
@@ -242,16 +241,6 @@ class EMA:
         with self._lock:
             return self._hooks.attach(optimizer, overlap)
 
-    def _before_step(self) -> None:
-        with self._lock:  # another thread's swapped() block: wait for its end
-            swapped = self._swap.swapped
-        if swapped:
-            raise SwapError(
-                "optimizer.step() called while the EMA weights are swapped in: the step would "
-                "write into the average itself (the model's tensors use the shadows' memory). "
-                "Nothing was stepped. Leave the swapped() block (or call restore()) first; "
-                "evaluate inside it, train outside.")
-
     def _after_step(self) -> None:
         with self._lock:
             engine.update([self], None)
@@ -328,15 +317,8 @@ class EMA:
         """
         with self._lock:  # the whole block: another thread's save or step waits for its end
             self.apply_shadow()
-            try:
+            with self._swap.restoring(self.restore):
                 yield self
-            except BaseException:
-                try:
-                    self.restore()
-                except SwapError as exc:  # the block's own error is the one to see
-                    warnings.warn(str(exc), EMAWarning, stacklevel=user_stacklevel())
-                raise
-            self.restore()
 
     @_locked
     def copy_to(self, target: Any = None, *, strict: bool = True) -> list[str]:

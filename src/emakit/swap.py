@@ -21,11 +21,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, NamedTuple
 
 from emakit.backends import Backend
-from emakit.errors import SwapError
+from emakit.errors import EMAWarning, SwapError, user_stacklevel
 
 __all__ = ["Swapper", "UndoRecord", "back_up", "swap_in", "undo", "written"]
 
@@ -124,6 +126,32 @@ class Swapper:
             held = "swapped in" if self.swapped else "backed up by store()"
             raise SwapError(f"{what} while the EMA weights are {held}; call restore() (or "
                             "leave the swapped() block) first.")
+
+    def refuse_step(self, lock: Any) -> None:
+        """Raise :class:`~emakit.SwapError` before an optimizer step that would write into the
+        swapped-in shadows (after another thread's ``swapped()`` block, holding ``lock``)."""
+        with lock:
+            swapped = self.swapped
+        if swapped:
+            raise SwapError(
+                "optimizer.step() called while the EMA weights are swapped in: the step would "
+                "write into the average itself (the model's tensors use the shadows' memory). "
+                "Nothing was stepped. Leave the swapped() block (or call restore()) first; "
+                "evaluate inside it, train outside.")
+
+    @contextlib.contextmanager
+    def restoring(self, restore: Callable[[], None]) -> Iterator[None]:
+        """Run the block, then ``restore()``; when the block raised, its error is the one to
+        see: a :class:`~emakit.SwapError` of the restore becomes an :class:`~emakit.EMAWarning`."""
+        try:
+            yield
+        except BaseException:
+            try:
+                restore()
+            except SwapError as exc:
+                warnings.warn(str(exc), EMAWarning, stacklevel=user_stacklevel())
+            raise
+        restore()
 
     def swap_in(self, values: Sequence[Any]) -> None:
         """Put ``values`` (the averages, tracked order) into the source."""
