@@ -159,3 +159,18 @@ def test_offload_overlap_script_runs_and_writes_results(tmp_path: Path) -> None:
     assert {(r["every"], r["contender"]) for r in rows} >= {
         (e, c) for e in (1, 3) for c in ("no EMA", "emakit, shadows in host memory")}
     assert all(r["ms_per_step"] > 0 for r in rows)
+
+
+def test_peer_agreement_script_runs_and_agrees_within_a_few_ulp(tmp_path: Path) -> None:
+    """The long-run agreement benchmark, 20 updates (the table in the results is 200)."""
+    import json
+    import runpy
+
+    script = Path(__file__).parent.parent / "benchmarks" / "peer_agreement.py"
+    module = runpy.run_path(str(script))
+    assert module["main"](["--steps", "20", "--out", str(tmp_path)]) == 0
+    version = torch.__version__.split("+")[0]
+    rows = json.loads((tmp_path / f"peer-agreement-cpu-torch{version}.json").read_text())
+    assert {r["peer"].split(",")[0] for r in rows} >= {"torch-ema"}
+    assert all(0.0 <= r["max"] < 8.0 for r in rows)  # bounded: a few ulp, not bitwise
+    assert (tmp_path / f"peer-agreement-cpu-torch{version}.md").is_file()
