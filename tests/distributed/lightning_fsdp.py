@@ -73,7 +73,10 @@ def main(mode: str, out: str, root: str) -> None:
                                                    .manual_seed(1)), batch_size=8)
     callback = None if manual else ema_lightning.EMA(decay=0.8)
     epochs = 1 if mode in ("manual", "callback-first") else 2
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(),
+    # data_parallel_size=2: the parameters really are split over the two ranks ("auto" would
+    # make a tensor-parallel mesh of 2 and leave fully_shard a data-parallel mesh of 1)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy,
                          max_epochs=epochs, limit_val_batches=1, logger=False,
                          enable_checkpointing=mode == "callback-first", default_root_dir=root,
                          enable_progress_bar=False, enable_model_summary=False,
@@ -86,9 +89,13 @@ def main(mode: str, out: str, root: str) -> None:
     ema = module.ema if callback is None else callback.ema
     assert ema is not None
     shadow = next(iter(ema.state_dict()["shadows"].values()))
+    full = {k: v.full_tensor() for k, v in module.net.state_dict().items()}  # every rank
+    average = {k: v.full_tensor() for k, v in ema.state_dict()["shadows"].items()}
     row = {"rank": trainer.global_rank, "step": ema.step, "num_updates": ema.num_updates,
-           "sharded": type(shadow).__name__ == "DTensor", "global_step": trainer.global_step,
-           **module.losses}
+           "sharded": type(shadow).__name__ == "DTensor" and shadow.to_local().shape[0] < 7,
+           "global_step": trainer.global_step, **module.losses,
+           "weights": {k: v.tolist() for k, v in full.items()},
+           "average": {k: v.tolist() for k, v in average.items()}}
     with open(f"{out}.{trainer.global_rank}", "w") as f:
         f.write(json.dumps(row))
 

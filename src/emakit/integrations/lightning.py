@@ -45,6 +45,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from emakit import ema as emakit_ema
+from emakit.distributed.gather import gathered, has_shards
+from emakit.distributed.shards import is_dtensor
 from emakit.errors import EMAWarning, StateDictError
 from emakit.integrations.options import EVAL_ON, check_options
 from emakit.policy import Policy
@@ -53,6 +55,17 @@ __all__ = ["EMA", "LAYOUT"]
 
 LAYOUT = "lightning-callback/1"
 """The value of ``"emakit"`` in the callback's state: marks emakit's state in a ``.ckpt``."""
+def _full_on_rank0(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """``tensors`` with every DTensor gathered into a full tensor (a collective: every rank
+    calls it; rank 0 gets the full tensors, one at a time, the others an empty dict), or as
+    they are when none is sharded."""
+    if not has_shards(tensors):
+        return dict(tensors)
+    out: dict[str, Any] = {}
+    gathered(tensors, out.update)  # out is filled on rank 0 only
+    return out
+
+
 def _replace_shadows(ema: emakit_ema.EMA, values: Mapping[str, Any]) -> dict[str, Any]:
     """``ema``'s own state with the shadows taken from ``values`` (cast to the shadows' dtype)."""
     state = ema.state_dict()
@@ -222,11 +235,23 @@ class EMA(Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        """Put the EMA weights in ``state_dict`` and the training weights aside."""
+        """Put the EMA weights in ``state_dict`` and the training weights aside.
+
+        With a sharded model (DTensors: ``ModelParallelStrategy``) only ``state_dict`` and the
+        optimizers are saved shard by shard; the rest of the checkpoint is written by rank 0
+        alone, so the training weights and the EMA's shadows put there are gathered into full
+        tensors first (a collective on every rank; rank 0 holds them), and each rank takes its
+        piece back on loading.
+        """
+        ours = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if isinstance(ours, dict) and isinstance(ours.get("ema"), Mapping):
+            ema_state = dict(ours["ema"])
+            ema_state["shadows"] = _full_on_rank0(ema_state["shadows"])
+            ours["ema"] = ema_state
         if self.eval_on != "ema" or self._ema is None or "state_dict" not in checkpoint:
             return
         training = checkpoint["state_dict"]
-        checkpoint["current_model_state"] = training
+        checkpoint["current_model_state"] = _full_on_rank0(training)
         checkpoint["state_dict"] = self._ema_weights(training)
 
     def _ema_weights(self, training: Mapping[str, Any]) -> dict[str, Any]:
@@ -264,5 +289,14 @@ class EMA(Callback):
             # Lightning's EMAWeightAveraging: its average starts this EMA
             self._pending = ("average", dict(checkpoint["state_dict"]))
         elif ours is None:
+            return
+        if any(is_dtensor(v) for v in pl_module.state_dict().values()):  # sharded: full tensors
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
+            set_model_state_dict(pl_module, dict(training), options=StateDictOptions(
+                full_state_dict=True, strict=pl_module.strict_loading))
             return
         pl_module.load_state_dict(training, strict=pl_module.strict_loading)
