@@ -47,6 +47,18 @@ def _as_float(metric: object) -> float:
                     f"of type {type(metric).__name__}.")
 
 
+def _rank0s(value: float, ema: EMA) -> float:
+    """``value``, or for a sharded EMA rank 0's (every rank saves, or none does: the save is
+    a collective, so the ranks must agree even when their metrics differ)."""
+    from emakit.distributed.gather import has_shards
+
+    if not has_shards(ema.state_dict()["shadows"]):
+        return value
+    from emakit.distributed.agree import from_rank0
+
+    return from_rank0(lambda: value, collective=True)
+
+
 def _check_format(path: Path, ema: EMA) -> None:
     """Refuse a file format that could not hold this EMA's weights."""
     suffix = path.suffix.lower()
@@ -153,6 +165,7 @@ class KeepBest:
         if sanity_check:
             return False
         value = _as_float(metric)
+        value = _rank0s(value, self.ema)
         if math.isnan(value):
             warnings.warn(f"KeepBest: the metric is NaN at step {self.ema.step}; the best "
                           f"weights ({self.path}) are kept as they are.", EMAWarning,

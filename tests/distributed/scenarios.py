@@ -391,11 +391,33 @@ def forward_after_swapped_uses_the_training_weights(rank: int, world: int, tmp: 
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (got - want).abs().max()
 
 
+def failed_saves_and_differing_metrics_raise_or_agree(rank: int, world: int, tmp: Path) -> None:
+    """A save rank 0 cannot write raises on every rank (none is left in the gather); KeepBest
+    with a metric that differs between ranks follows rank 0's, so the ranks save together."""
+    model = shard(make_model(18))
+    ema = emakit.EMA(model, decay=0.5)
+    with pytest.raises(OSError, match="does not exist"):
+        emakit.save(ema, tmp / "missing" / "ema.safetensors")
+    with pytest.raises(OSError, match="does not exist"):
+        emakit.io.write_weights(ema.model_state_dict(), tmp / "missing" / "w.pt")
+    keep = emakit.KeepBest(ema, tmp / "best.safetensors", mode="min")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = {0: [1.0, 0.5, 0.7], 1: [1.0, 0.8, 0.6]}[rank]  # rank 0: the best is the 2nd
+    saved = []
+    for t, metric in enumerate(metrics, start=1):
+        step(model, opt, t)
+        ema.update()
+        saved.append(keep.observe(metric))
+    assert saved == [True, True, False], saved
+    assert keep.best == 0.5 and keep.best_step == 2
+
+
 TWO_RANKS = ["update_is_local_and_bitwise", "options_schedules_every_and_multi",
              "bf16_mixed_precision_and_2d_mesh", "mixed_sharded_and_plain_and_flatten",
              "verbs_on_shards", "files_and_distributed_checkpoints", "ddp_and_compiled_names",
              "posthoc_recording_of_a_sharded_model",
-             "forward_after_swapped_uses_the_training_weights"]
+             "forward_after_swapped_uses_the_training_weights",
+             "failed_saves_and_differing_metrics_raise_or_agree"]
 
 
 # ------------------------------------------------------------------ one rank, after two

@@ -20,7 +20,7 @@ from typing import Any
 
 from emakit.distributed.shards import gather, is_dtensor
 
-__all__ = ["gathered", "has_shards", "rank", "write_gathered"]
+__all__ = ["checked_by_rank0", "gathered", "has_shards", "rank", "write_gathered"]
 
 
 def has_shards(tensors: Mapping[str, Any]) -> bool:
@@ -108,6 +108,7 @@ def write_gathered(dest: Path, tensors: Mapping[str, Any],
     from emakit.io.atomic import atomic_write
     from emakit.io.safetensors_stream import CODES, Raw, raw_bytes, write_safetensors_lazily
 
+    checked_by_rank0(dest)
     layout = {n: (CODES[str(t.dtype).removeprefix("torch.")], list(t.shape))
               for n, t in tensors.items()}
     writer = rank() == 0
@@ -123,6 +124,15 @@ def write_gathered(dest: Path, tensors: Mapping[str, Any],
     else:
         write_safetensors_lazily(None, layout, produce, metadata)
     _barrier()
+
+
+def checked_by_rank0(dest: Path) -> None:
+    """Rank 0 checks that it can write ``dest`` and every rank learns the outcome: a missing
+    or read-only folder raises on every rank instead of leaving the others in the gather."""
+    from emakit.distributed.agree import from_rank0
+    from emakit.io.atomic import check_target
+
+    from_rank0(lambda: check_target(dest), collective=True)
 
 
 def gathered(tensors: Mapping[str, Any], write: Callable[[dict[str, Any]], None]) -> None:

@@ -106,6 +106,17 @@ def _target(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return dest, folder
 
 
+def check_target(path: str | os.PathLike[str]) -> None:
+    """Raise now what writing ``path`` would raise for its place: a missing folder, a folder
+    as the target, a folder that is not writable (before a collective write starts, so that
+    every rank learns of it, not only the one that writes)."""
+    dest, folder = _target(path)
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot write {str(dest)!r}: the folder {str(folder)!r} is not "
+                              "writable (the file is written as a temporary file there and "
+                              "renamed over the target).")
+
+
 def _failed(dest: Path, folder: Path, exc: OSError) -> OSError:
     """``exc`` retold about the destination (not the hidden temporary entry), same type."""
     reason = exc.strerror or str(exc)

@@ -92,6 +92,9 @@ def write_weights(tensors: Mapping[str, Any], path: str | os.PathLike[str], *,
         if suffix == ".safetensors":
             write_gathered(dest, tensors, lambda sums: meta)
         else:
+            from emakit.distributed.gather import checked_by_rank0
+
+            checked_by_rank0(dest)
             gathered(tensors, lambda full: write_weights(full, dest, metadata=meta))
         return
     if suffix == ".safetensors":
