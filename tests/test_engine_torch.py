@@ -280,6 +280,9 @@ def test_swapped_with_shadow_offloaded_to_other_device_argument():
         assert torch.equal(model.state_dict()[k], v)
     with pytest.raises(ValueError, match=r"device='gpu0' is not a torch device"):
         emakit.EMA(model, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda': this torch .* sees no CUDA"):
+            emakit.EMA(model, device="cuda")
 
 
 def test_attach_updates_after_each_optimizer_step_until_removed():

@@ -79,6 +79,10 @@ class TorchBackend(Backend):
                     f"device={device!r} is not a torch device. Example: device='cpu' to keep the "
                     "shadow in host memory."
                 ) from None
+            if device.type == "cuda" and not torch.cuda.is_available():  # type: ignore[attr-defined]
+                raise ValueError(f"device={str(device)!r}: this torch ({torch.__version__}) sees "
+                                 "no CUDA device. Leave device unset (the shadows go where the "
+                                 "weights are) or give device='cpu'.")
         out: list[torch.Tensor] = []
         with torch.no_grad():
             for run in source_runs(sources, dtypes):
