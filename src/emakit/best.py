@@ -50,9 +50,7 @@ def _as_float(metric: object) -> float:
 def _rank0s(value: float, ema: EMA) -> float:
     """``value``, or for a sharded EMA rank 0's (every rank saves, or none does: the save is
     a collective, so the ranks must agree even when their metrics differ)."""
-    from emakit.distributed.gather import has_shards
-
-    if not has_shards(ema.state_dict()["shadows"]):
+    if not ema.parts.tracked.specs:  # no sharded tensor (readable while swapped in, too)
         return value
     from emakit.distributed.agree import from_rank0
 
