@@ -98,6 +98,11 @@ def main(mode: str, out: str, root: str) -> None:
            "average": {k: v.tolist() for k, v in average.items()}}
     with open(f"{out}.{trainer.global_rank}", "w") as f:
         f.write(json.dumps(row))
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # else gloo's threads may abort the interpreter at exit
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

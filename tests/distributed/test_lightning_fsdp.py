@@ -23,7 +23,13 @@ def run(mode: str, tmp: Path, root: Path) -> list[dict]:
     out = tmp / mode
     done = subprocess.run([sys.executable, str(SCRIPT), mode, str(out), str(root)],
                           capture_output=True, text=True, cwd=tmp, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    written = all(Path(f"{out}.{r}").is_file() for r in (0, 1))
+    # gloo's threads can abort the interpreter after everything ran and was written ("terminate
+    # called without an active exception", SIGABRT at exit; seen without emakit too): a crash
+    # at teardown, not in the run, so the results still count
+    teardown = done.returncode == -6 and written and \
+        done.stderr.rstrip().endswith("terminate called without an active exception")
+    assert done.returncode == 0 or teardown, done.stderr[-3000:]
     return [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
 
 
