@@ -69,6 +69,13 @@ def _sharded(emas: MultiEMA) -> bool:
     return has_shards(emas[0].state_dict()["shadows"])
 
 
+def _rank() -> int:
+    """This process's rank (0 without a process group)."""
+    from emakit.distributed.gather import rank
+
+    return rank()
+
+
 def _once(fn: Callable[[], T], collective: bool) -> T:
     """``fn()``; for a sharded model run on rank 0 and its outcome given to every rank."""
     if not collective:
@@ -405,11 +412,14 @@ class Snapshots:
                           EMAWarning, stacklevel=user_stacklevel())
         if stale:
             _once(lambda: self._drop(stale), self._collective)
-            warnings.warn(
-                f"dropped {len(stale)} snapshot files after step {step} (steps "
-                f"{min(e.step for e in stale)}-{max(e.step for e in stale)}) from "
-                f"{str(self._dir)!r}: they were written after the checkpoint being resumed; "
-                "the resumed run writes its own.", EMAWarning, stacklevel=user_stacklevel())
+            first, last = min(e.step for e in stale), max(e.step for e in stale)
+            steps = f"step {first}" if first == last else f"steps {first}-{last}"
+            if not self._collective or _rank() == 0:  # one message for the job
+                warnings.warn(
+                    f"dropped {len(stale)} snapshot files after step {step} ({steps}) from "
+                    f"{str(self._dir)!r}: they were written after the checkpoint being "
+                    "resumed; the resumed run writes its own.", EMAWarning,
+                    stacklevel=user_stacklevel())
         if len(self._entries) < written:
             warnings.warn(f"the state was saved after {written} snapshot files were written, "
                           f"but {str(self._dir)!r} lists {len(self._entries)} up to step {step}: "
