@@ -157,8 +157,7 @@ class Swapper:
         """Put ``values`` (the averages, tracked order) into the source."""
         self.refuse("apply_shadow() called", stored_too=True)
         t = self.tracked
-        t.reshard()  # FSDP: no module left unsharded, holding a copy of the shards
-        shadows = t.shadows
+        shadows = t.shadows  # (fetch() reshards a module an eval forward left unsharded)
         self.record = swap_in(t.backend, t.fetch(), values, shadows, t.repointable(),
                               [v is s for v, s in zip(values, shadows)])
         t.held = {name: old for name, (_, old, _) in zip(t.names, self.record.entries)}

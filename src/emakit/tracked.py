@@ -183,7 +183,7 @@ class Tracked:
         index = self._sharded if names is None else \
             [i for i, n in enumerate(names) if n in self.specs]
         if not all(shards.is_dtensor(tensors[i]) for i in index):
-            shards.reshard(getattr(self.source, "module", None))
+            self.reshard()
             tensors = self.source.fetch(self.names if names is None else names)
         for i in index:
             if not shards.is_dtensor(tensors[i]):

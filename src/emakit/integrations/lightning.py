@@ -55,6 +55,8 @@ __all__ = ["EMA", "LAYOUT"]
 
 LAYOUT = "lightning-callback/1"
 """The value of ``"emakit"`` in the callback's state: marks emakit's state in a ``.ckpt``."""
+
+
 def _full_on_rank0(tensors: Mapping[str, Any]) -> dict[str, Any]:
     """``tensors`` with every DTensor gathered into a full tensor (a collective: every rank
     calls it; rank 0 gets the full tensors, one at a time, the others an empty dict), or as

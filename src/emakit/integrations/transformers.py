@@ -52,6 +52,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from emakit.best import KeepBest
+from emakit.distributed.agree import from_rank0
 from emakit.distributed.gather import has_shards
 from emakit.ema import EMA
 from emakit.errors import EMAWarning
@@ -124,15 +125,6 @@ def _write_model(model: Any, processing: Any, tensors: dict[str, Any], dest: Pat
             _save_pretrained(model, processing, full, dest)
 
     gathered(tensors, write)
-
-
-def _main_says(question: Callable[[], bool], sharded: bool) -> bool:
-    """``question()``, asked once by rank 0 for every rank when the model is sharded."""
-    if not sharded:
-        return question()
-    from emakit.distributed.agree import from_rank0
-
-    return from_rank0(question, collective=True)
 
 
 class EMACallback(TrainerCallback):
@@ -273,7 +265,7 @@ class EMACallback(TrainerCallback):
         if model is None:
             raise ValueError("EMACallback.on_train_begin got no model; the Trainer passes it.")
         ema = EMA(model, start=state.global_step, **self._options)
-        self._sharded = has_shards(ema.state_dict()["shadows"])
+        self._sharded = bool(ema.parts.tracked.specs)
         self.keep_best = self._keep_best(args, ema)
         resume, self._resume = self._resume, None
         if state.global_step > 0:
@@ -323,7 +315,7 @@ class EMACallback(TrainerCallback):
         if self.ema is None or not (args.should_save or self._sharded):
             return
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if not _main_says(folder.is_dir, self._sharded):
+        if not from_rank0(folder.is_dir, collective=self._sharded):
             warnings.warn(f"EMACallback: the checkpoint folder {str(folder)!r} does not exist "
                           "(a hyperparameter-search run?); the EMA was not saved with it.",
                           EMAWarning, stacklevel=2)

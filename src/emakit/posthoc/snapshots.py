@@ -27,10 +27,12 @@ import os
 import re
 import uuid
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from emakit.distributed.agree import from_rank0
+from emakit.distributed.gather import rank
 from emakit.errors import EMAWarning, StateDictError, SwapError, user_stacklevel
 from emakit.hooks import Attachment, hookable
 from emakit.multi import MultiEMA
@@ -39,7 +41,6 @@ from emakit.schedules import PowerFunction
 
 __all__ = ["Snapshots"]
 
-T = TypeVar("T")
 _KIND = "posthoc-snapshots"
 _VERSION = 1
 _NARROW = ("float16", "bfloat16", "half", "float8")
@@ -60,29 +61,6 @@ def _start(start: object) -> int:
             f"{start!r}. A power-function EMA needs no zero start: its first decay is 0, so "
             "it starts at the first weights it sees.")
     return int(start)
-
-
-def _sharded(emas: MultiEMA) -> bool:
-    """Whether the averaged model is sharded (every rank then records, rank 0 writes)."""
-    from emakit.distributed.gather import has_shards
-
-    return has_shards(emas[0].state_dict()["shadows"])
-
-
-def _rank() -> int:
-    """This process's rank (0 without a process group)."""
-    from emakit.distributed.gather import rank
-
-    return rank()
-
-
-def _once(fn: Callable[[], T], collective: bool) -> T:
-    """``fn()``; for a sharded model run on rank 0 and its outcome given to every rank."""
-    if not collective:
-        return fn()
-    from emakit.distributed.agree import from_rank0
-
-    return from_rank0(fn, collective=True)
 
 
 class Snapshots:
@@ -143,8 +121,8 @@ class Snapshots:
         self._dir = folder
         self._sigma_rels = tuple(float(s) for s in sigma_rels)
         self._gammas = tuple(gammas)
-        self._collective = _sharded(self._emas)
-        self._run = _once(lambda: uuid.uuid4().hex, self._collective)
+        self._collective = bool(self._emas[0].parts.tracked.specs)  # sharded: rank 0 writes
+        self._run = from_rank0(lambda: uuid.uuid4().hex, collective=self._collective)
         self._next = (first // self._snapshot_every + 1) * self._snapshot_every
         self._entries: list[Entry] | None = None  # the manifest, once checked
         self._attachment: Attachment | None = None
@@ -289,7 +267,7 @@ class Snapshots:
     def _checked_entries(self) -> list[Entry]:
         if self._entries is None:
             run = self._run
-            found = _once(lambda: self._read(run), self._collective)
+            found = from_rank0(lambda: self._read(run), collective=self._collective)
             self._entries = list(found.entries) if found else []
         return self._entries
 
@@ -336,7 +314,7 @@ class Snapshots:
             write_manifest(self._dir, self._manifest(out))
             return out
 
-        self._entries = _once(listed, self._collective)
+        self._entries = from_rank0(listed, collective=self._collective)
         self._next = (step // self._snapshot_every + 1) * self._snapshot_every
 
     def _drop(self, stale: list[Entry]) -> None:
@@ -399,7 +377,7 @@ class Snapshots:
                 raise StateDictError(f"state key {key!r} must be an int >= 0, got {value!r}",
                                      fix="The state is corrupt.")
         written = int(written)  # type: ignore[arg-type]  # checked above
-        found = _once(lambda: self._read(run), self._collective)
+        found = from_rank0(lambda: self._read(run), collective=self._collective)
         self._emas.load_state_dict(state.get("emas", {}))  # all or nothing
         step = self._emas.step
         entries = list(found.entries) if found else []
@@ -411,10 +389,10 @@ class Snapshots:
                           f"Snapshots use {self._snapshot_every} from step {due} on.",
                           EMAWarning, stacklevel=user_stacklevel())
         if stale:
-            _once(lambda: self._drop(stale), self._collective)
+            from_rank0(lambda: self._drop(stale), collective=self._collective)
             first, last = min(e.step for e in stale), max(e.step for e in stale)
             steps = f"step {first}" if first == last else f"steps {first}-{last}"
-            if not self._collective or _rank() == 0:  # one message for the job
+            if not self._collective or rank() == 0:  # one message for the job
                 warnings.warn(
                     f"dropped {len(stale)} snapshot files after step {step} ({steps}) from "
                     f"{str(self._dir)!r}: they were written after the checkpoint being "
