@@ -20,10 +20,10 @@ import torch
 from emakit.backends.base import Backend, Plan, TensorInfo, bad_dtype
 from emakit.backends.torch.layout import PLAIN, is_dense, source_runs
 from emakit.backends.torch.offload import Offloaded
-from emakit.backends.torch.parts import Staged
+from emakit.backends.torch.parts import Native, Staged
 from emakit.backends.torch.plan import TorchPlan
 from emakit.backends.torch.readback import peak, to_host
-from emakit.backends.torch.shared import SharedRead
+from emakit.backends.torch.shared import NativeShared, SharedRead
 
 __all__ = ["BACKEND", "TorchBackend", "is_dense"]
 
@@ -113,6 +113,8 @@ class TorchBackend(Backend):
             return None
         parts = [p.lerps[0] for p in plans]
         first = parts[0]
+        if isinstance(first, Native):
+            return NativeShared.of(parts)
         if isinstance(first, Offloaded) or first.loose or len(first.held_sources) != 1:
             return None
         source, shadow = first.held_sources[0], first.held_shadows[0]

@@ -1,10 +1,12 @@
-"""The update kernels of one group of (shadow, source) pairs: direct, or staged through a buffer.
+"""The update kernels of one group of (shadow, source) pairs: native, direct, or staged.
 
-A :class:`Direct` group folds sources that already have the shadows' dtype and device in with
-one ``lerp_`` (one run) or one ``_foreach_lerp_``; a :class:`Staged` group converts chunks of
-sources (a bf16 model's fp32 shadows, another device) into a preallocated staging buffer and
-folds each chunk in while it is still in the caches. No allocation and no host/device
-synchronisation per update.
+A :class:`Native` group (CPU, float32 shadows of float32/bfloat16/float16 sources, or float64)
+is one call of emakit's compiled kernels (:mod:`~emakit.backends.torch.native`) for the whole
+group, converting on the fly. Otherwise a :class:`Direct` group folds sources that already have
+the shadows' dtype and device in with one ``lerp_`` (one run) or one ``_foreach_lerp_``, and a
+:class:`Staged` group converts chunks of sources (a bf16 model's fp32 shadows, another device)
+into a preallocated staging buffer and folds each chunk in while it is still in the caches. No
+allocation and no host/device synchronisation per update.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch
 from emakit.backends.base import GroupInfo
 from emakit.backends.torch import layout
 from emakit.backends.torch.layout import find_runs, pairable, region, where
+from emakit.backends.torch.native import KINDS, PEAK_KINDS, Kernels, Table
 
-__all__ = ["Direct", "Part", "Staged", "copy_all"]
+__all__ = ["Direct", "Native", "Part", "Staged", "copy_all", "native_pairs"]
 
 
 class Part:
@@ -147,3 +150,63 @@ class Staged(Part):
                 torch._foreach_copy_(views, got)
                 torch._foreach_lerp_(shadows, views, weight)
 
+
+
+def native_pairs(shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], *,
+                 copied: bool) -> bool:
+    """Can the native kernels update this group? CPU tensors, elementwise the same layout, and
+    a dtype pair they know (copies: the same dtype)."""
+    cpu = torch.device("cpu")
+    for shadow, src in zip(shadows, sources):
+        if shadow.device != cpu or src.device != cpu or not pairable(shadow, src) or \
+                src.is_neg() or src.is_conj():
+            return False
+        if copied and shadow.dtype != src.dtype:
+            return False
+        if not copied and (shadow.dtype, src.dtype) not in KINDS:
+            return False
+    return bool(shadows)
+
+
+class Native(Part):
+    """A CPU group updated by one call of emakit's native kernels (lerp, copy, peak).
+
+    Every tensor is held (a run, or a tensor of its own): the call's tables of addresses are
+    laid out once, and the plan's pointer check tells when a source moved.
+    """
+
+    kind = "native"
+
+    def hold_above(self) -> int | None:
+        return 0
+
+    def __init__(self, index: list[int], shadows: list[torch.Tensor],
+                 sources: list[torch.Tensor], kernels: Kernels, *, copied: bool) -> None:
+        super().__init__(index, shadows, sources)  # only empty tensors stay loose
+        self.kernels = kernels
+        self.dtype = sources[0].dtype
+        self.copied = copied
+        self.source_table = Table(self.held_sources, nbytes=copied)
+        self.shadow_table = Table(self.held_shadows, nbytes=copied)
+        self.code = -1 if copied else KINDS[(shadows[0].dtype, self.dtype)]
+        self.call = None if copied else kernels.lerp_call([self.shadow_table],
+                                                           self.source_table, self.code)
+        # the sources by element, for peak(); None: a dtype the peak kernel does not read
+        self.peak_table = (self.source_table if not copied else
+                           Table(self.held_sources) if self.dtype in PEAK_KINDS else None)
+
+    def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
+        if self.call is not None:
+            self.call((weight,))
+
+    def copy_(self, sources: Sequence[torch.Tensor]) -> None:
+        if self.copied:
+            self.kernels.copy(self.shadow_table, self.source_table)
+        else:
+            super().copy_(sources)
+
+    def peak(self) -> float:
+        """``max |x|`` over the group's sources (NaN if one is NaN): one kernel call. Only for
+        a part with a ``peak_table``."""
+        assert self.peak_table is not None  # callers check; internal invariant
+        return self.kernels.peak(self.peak_table, self.dtype)

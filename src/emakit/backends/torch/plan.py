@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from emakit.backends.base import GroupInfo, Plan
-from emakit.backends.torch import layout, offload
+from emakit.backends.torch import layout, native, offload
 from emakit.backends.torch.layout import group_positions, signature, where
 from emakit.backends.torch.offload import Offloaded
-from emakit.backends.torch.parts import Direct, Staged
+from emakit.backends.torch.parts import Direct, Native, Part, Staged, native_pairs
 from emakit.backends.torch.readback import peaks
 
 __all__ = ["TorchPlan", "part_for"]
@@ -40,8 +40,8 @@ class TorchPlan(Plan):
         self.sources_at_plan = [where(x) for x in sources]  # for describe()
         self.avg_shadows = list(avg_shadows)
         self.copy_shadows = list(copy_shadows)
-        self.lerps: list[Direct | Staged | Offloaded] = []
-        self.copies: list[Direct | Staged | Offloaded] = []  # never Staged (see part_for)
+        self.lerps: list[Part] = []
+        self.copies: list[Part] = []  # never Staged (see part_for)
         if fast:
             for index in group_positions(avg_shadows, sources[:n]):
                 shadows, srcs = [avg_shadows[i] for i in index], [sources[i] for i in index]
@@ -109,13 +109,17 @@ class TorchPlan(Plan):
         n = len(self.avg_shadows)
         if self.loop:
             groups = [list(sources[:n]), list(sources[n:])]
+            native_tops: list[list[float]] = [[], []]
         else:  # a held run is one tensor here: one reduction covers a flattened module
-            groups = [[x for p in parts for x in p.sources(sources)]
-                      for parts in (self.lerps, self.copies)]
+            by_kernel = [[p for p in parts if isinstance(p, Native) and p.peak_table is not None]
+                         for parts in (self.lerps, self.copies)]
+            native_tops = [[p.peak() for p in ps] for ps in by_kernel]
+            groups = [[x for p in parts if p not in ps for x in p.sources(sources)]
+                      for parts, ps in zip((self.lerps, self.copies), by_kernel)]
         floating = [[x for x in g if x.is_floating_point() or x.is_complex()] for g in groups]
         tops = peaks(floating[0] + floating[1])
         k = len(floating[0])
-        return _largest(tops[:k]), _largest(tops[k:])
+        return _largest(tops[:k] + native_tops[0]), _largest(tops[k:] + native_tops[1])
 
     def settle(self) -> None:
         for part in self.offloaded:
@@ -134,15 +138,21 @@ def _loop_info(role: str, shadows: Sequence[torch.Tensor], sources: Sequence[str
 
 
 def part_for(shadows: list[torch.Tensor], sources: list[torch.Tensor], index: list[int],
-             overlap: bool, *, copied: bool) -> Direct | Staged | Offloaded:
+             overlap: bool, *, copied: bool) -> Part:
     """The part for one group, by the kind of its shadows and sources.
 
-    Copied tensors keep their dtype, and a plain ``copy_`` moves them to another device, so
-    they need no staging; only a CUDA model's copies to host shadows go through the mirror.
+    CPU groups the native kernels know are :class:`Native` (when they are available: see
+    :func:`emakit.backends.torch.native.status`). Copied tensors keep their dtype, and a plain
+    ``copy_`` moves them to another device, so they need no staging; only a CUDA model's
+    copies to host shadows go through the mirror.
     """
     shadow, source = shadows[0], sources[0]
     if offload.offloads(source.device, shadow.device):  # looked up here: tests may patch it
         return Offloaded(index, shadows, sources, overlap)
+    if native_pairs(shadows, sources, copied=copied):
+        kernels = native.kernels()
+        if kernels is not None:
+            return Native(index, shadows, sources, kernels, copied=copied)
     if copied or (shadow.dtype == source.dtype and shadow.device == source.device):
         return Direct(index, shadows, sources)
     return Staged(index, shadows, sources)

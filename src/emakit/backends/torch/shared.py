@@ -1,4 +1,4 @@
-"""Several averages of one flat source, updated in one pass that reads each chunk once."""
+"""Several averages of one source, updated in one pass that reads each chunk of it once."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from emakit.backends.torch.parts import Direct, Staged
+from emakit.backends.torch.parts import Direct, Native, Part, Staged
 
-__all__ = ["SHARED_CHUNK", "SharedRead"]
+__all__ = ["SHARED_CHUNK", "NativeShared", "SharedRead"]
 
 SHARED_CHUNK = 1 << 21  # 2M elements (8 MB in fp32): read from memory once, then from the cache
 
@@ -49,3 +49,34 @@ class SharedRead:
                 for pieces, weight in zip(shadows, weights):
                     pieces[0].lerp_(views, weight)
 
+
+
+class NativeShared:
+    """Several averages of one source, as native parts: one kernel call folds each block of the
+    source into every average while it is in the caches (``4 + 8 N`` bytes per fp32 parameter
+    for N averages, converted once for a bf16 source)."""
+
+    def __init__(self, parts: Sequence[Native]) -> None:
+        first = parts[0]
+        self.call = first.kernels.lerp_call([p.shadow_table for p in parts],
+                                            first.source_table, first.code)
+
+    @classmethod
+    def of(cls, parts: Sequence[Part]) -> NativeShared | None:
+        """The shared update of ``parts``, or None unless they are native lerp parts over the
+        same source tensors (same addresses and sizes, same kind of conversion)."""
+        first = parts[0]
+        if not isinstance(first, Native) or first.copied or first.loose:
+            return None
+        table = first.source_table
+        for part in parts:
+            if not isinstance(part, Native) or part.copied or part.loose or \
+                    part.code != first.code or part.source_table.count != table.count or \
+                    part.source_table.pointers[:] != table.pointers[:] or \
+                    part.source_table.prefix[:] != table.prefix[:] or \
+                    part.shadow_table.prefix[:] != table.prefix[:]:
+                return None
+        return cls([p for p in parts if isinstance(p, Native)])
+
+    def lerp_(self, weights: Sequence[float]) -> None:
+        self.call(weights)
