@@ -156,8 +156,9 @@ class Guarded(Folding):
         t = self.tracked
         t.settle()
         n = len(t.avg_shadows)
-        peaks = plan.peaks(sources)
-        if peaks is not None and self._averages_safely(peaks[0]):
+        if self._fold_checking(plan, sources, tick):
+            peaks = plan.peaks(sources, averaged=False) if t.copy_shadows else (0.0, 0.0)
+        elif (peaks := plan.peaks(sources)) is not None and self._averages_safely(peaks[0]):
             plan.lerp_(sources, 1.0 - tick.decay)
             if self.products is not None:
                 self.products *= tick.decay
@@ -177,6 +178,36 @@ class Guarded(Folding):
             done = np.array(t.backend.guarded_update_(t.copy_shadows, sources[n:], None),
                             dtype=bool)
             self.counters[n:] += ~done
+
+    def _fold_checking(self, plan: Plan, sources: list[Any], tick: Tick) -> bool:
+        """Fold in with the plan's checking kernel, if it has one: each tensor is checked just
+        before it is folded in, and those the kernel left alone go tensor by tensor. False:
+        nothing done (no such kernel, or the shadows themselves are too large)."""
+        import numpy as np  # here: `import emakit` stays light
+
+        if not plan.checks_while_folding:
+            return False
+        limit = self.headroom[0]
+        if self.bound is None:
+            self.bound = self.tracked.backend.largest(self.tracked.avg_shadows)
+        if not self.bound <= limit:
+            return False
+        checked = plan.guarded_lerp_(sources, 1.0 - tick.decay, limit)
+        if checked is None:
+            return False
+        left, top = checked
+        t = self.tracked
+        done = np.ones(len(t.avg_shadows), dtype=bool)
+        if left:  # an exact check of each: a finite result is still folded in
+            done[left] = t.backend.guarded_update_([t.avg_shadows[i] for i in left],
+                                                   [sources[i] for i in left], tick.decay)
+            self.counters[:len(done)] += ~done
+            self.bound = None
+        else:
+            self.bound = max(self.bound, top * self._SLACK)  # no compounding
+        if self.products is not None:
+            self.products[done] *= tick.decay
+        return True
 
     def _averages_safely(self, peak: float) -> bool:
         """No lerp of weights at most ``peak`` in magnitude can give a non-finite shadow."""

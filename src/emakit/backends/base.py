@@ -80,13 +80,29 @@ class Plan(ABC):
     def describe(self) -> tuple[GroupInfo, ...]:
         """The groups this plan updates, and how (see :class:`GroupInfo`)."""
 
-    def peaks(self, sources: Sequence[Any]) -> tuple[float, float] | None:
+    def peaks(self, sources: Sequence[Any], *, averaged: bool = True
+              ) -> tuple[float, float] | None:
         """The largest magnitude among the floating averaged sources, and among the copied ones.
 
         ``max |x|`` over every element (0.0 for none); NaN when one is NaN (an infinite one
         gives inf). One reduction per run or loose tensor, and one read back to the host: what
-        the non-finite guard checks before taking the grouped kernels. Default None: no cheap
-        answer (the guard then checks tensor by tensor).
+        the non-finite guard checks before taking the grouped kernels. ``averaged=False``: the
+        copied ones only (the first number is then 0.0). Default None: no cheap answer (the
+        guard then checks tensor by tensor).
+        """
+        return None
+
+    checks_while_folding = False
+    """True when :meth:`guarded_lerp_` has a kernel (else it returns None)."""
+
+    def guarded_lerp_(self, sources: Sequence[Any], weight: float, limit: float
+                      ) -> tuple[list[int], float] | None:
+        """``lerp_`` of each averaged tensor whose weights are all finite and at most ``limit``
+        in magnitude, in one pass that checks each tensor just before folding it in.
+
+        Returns the positions left alone (their shadows unchanged) and the largest magnitude
+        folded in, or None when the plan has no such kernel (default): the non-finite guard
+        then checks with :meth:`peaks` first.
         """
         return None
 

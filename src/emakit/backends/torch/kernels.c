@@ -14,6 +14,8 @@
  *                 Sources in float32, bfloat16 or float16 into float32 shadows (converted
  *                 exactly on the fly), or float64 into float64. Several averages of one
  *                 source ("members", each with its weight) read each block of it once.
+ *   emakit_guarded_lerp  the same, for the tensors whose sources are all finite and at most a
+ *                 limit in magnitude; the others are left as they are, and reported.
  *   emakit_peak   max |x| over every element, from the bit patterns (exact): NaN if any is NaN.
  *   emakit_copy   dst <- src, byte for byte.
  */
@@ -249,6 +251,97 @@ double emakit_peak(int64_t k, const void *const *xs, const int64_t *prefix, int 
     ON_TEAM(nt, peak_stretch(k, xs, prefix, kind, t, nt_, best));
     uint64_t top = 0;
     for (int t = 0; t < nt; t++) top = best[t] > top ? best[t] : top;
+    return from_bits(top, kind);
+}
+
+/* A tensor shared by several threads' stretches: this thread's piece of it, and its peak. */
+typedef struct {
+    int64_t tensor, at, count; /* tensor -1: none */
+    uint64_t peak;
+} Edge;
+
+typedef struct {
+    int64_t k;
+    void *const *shadows;
+    const void *const *sources;
+    const int64_t *prefix;
+    int kind;
+    double w, limit;
+    uint8_t *failed;
+    Edge *edges;     /* 2 per thread: its first and its last piece, when only partly its own */
+    uint64_t *folded; /* per thread: the largest source pattern folded in */
+} GuardJob;
+
+static void guard_piece(const GuardJob *job, int64_t j, int64_t a, int64_t n) {
+    const int size = element_size(job->kind), shadow_size = job->kind == F64 ? 8 : 4;
+    lerp_piece((char *)job->shadows[j] + a * shadow_size,
+               (const char *)job->sources[j] + a * size, n, job->kind, job->w);
+}
+
+static int within(const GuardJob *job, uint64_t peak) {
+    return from_bits(peak, job->kind) <= job->limit; /* false for NaN */
+}
+
+static void guard_stretch(const GuardJob *job, int t, int nt) {
+    const int size = element_size(job->kind);
+    Edge *mine = job->edges + 2 * t;
+    uint64_t folded = 0;
+    mine[0].tensor = mine[1].tensor = -1;
+    /* first: tensors wholly in this stretch, checked and folded while they are in the caches;
+     * the pieces of shared tensors only checked */
+    FOR_PIECES(job->prefix, job->k, t, nt, {
+        const uint64_t m = peak_bits((const char *)job->sources[j] + a * size, n, job->kind);
+        if (a == 0 && n == job->prefix[j + 1] - job->prefix[j]) {
+            if (within(job, m)) {
+                guard_piece(job, j, a, n);
+                folded = m > folded ? m : folded;
+            } else {
+                job->failed[j] = 1;
+            }
+        } else {
+            Edge *e = mine[0].tensor < 0 ? &mine[0] : &mine[1];
+            e->tensor = j;
+            e->at = a;
+            e->count = n;
+            e->peak = m;
+        }
+    });
+    if (nt > 1) {
+        _Pragma("omp barrier")
+    }
+    /* then the shared tensors, once every thread has checked its piece of them */
+    for (int side = 0; side < 2; side++) {
+        const Edge *e = &mine[side];
+        if (e->tensor < 0) continue;
+        uint64_t whole = 0;
+        for (int u = 0; u < 2 * nt; u++)
+            if (job->edges[u].tensor == e->tensor && job->edges[u].peak > whole)
+                whole = job->edges[u].peak;
+        if (within(job, whole)) {
+            guard_piece(job, e->tensor, e->at, e->count);
+            folded = whole > folded ? whole : folded;
+        } else if (e->at == 0) {
+            job->failed[e->tensor] = 1; /* written by the thread holding the tensor's start */
+        }
+    }
+    job->folded[t] = folded;
+}
+
+/* For each tensor j whose source values are all at most `limit` in magnitude (so finite):
+ * shadows[j] <- lerp(shadows[j], sources[j], w); the others are left as they are and marked in
+ * failed[j] (zeroed by the caller). Each tensor's source is read twice, the second time from the
+ * caches where it fits. Returns the largest |x| folded in (0.0 for none). */
+double emakit_guarded_lerp(int64_t k, void *const *shadows, const void *const *sources,
+                           const int64_t *prefix, int kind, double w, double limit,
+                           uint8_t *failed, int threads) {
+    Edge edges[2 * MAX_THREADS];
+    uint64_t folded[MAX_THREADS] = {0};
+    int nt = team(prefix[k], threads, 32768);
+    nt = nt > MAX_THREADS ? MAX_THREADS : nt;
+    const GuardJob job = {k, shadows, sources, prefix, kind, w, limit, failed, edges, folded};
+    ON_TEAM(nt, guard_stretch(&job, t, nt_));
+    uint64_t top = 0;
+    for (int t = 0; t < nt; t++) top = folded[t] > top ? folded[t] : top;
     return from_bits(top, kind);
 }
 

@@ -97,6 +97,9 @@ class Kernels:
         library.emakit_peak.restype = ctypes.c_double
         library.emakit_copy.argtypes = [i64, p, p, p, ctypes.c_int]
         library.emakit_copy.restype = None
+        library.emakit_guarded_lerp.argtypes = [i64, p, p, p, ctypes.c_int, ctypes.c_double,
+                                                ctypes.c_double, p, ctypes.c_int]
+        library.emakit_guarded_lerp.restype = ctypes.c_double
         self._pid = os.getpid()
 
     def threads(self) -> int:
@@ -113,6 +116,17 @@ class Kernels:
         """``shadows[i][j].lerp_(sources[j], weights[i])`` for all i, j (contiguous tensors)."""
         kind = KINDS[(shadows[0][0].dtype, sources[0].dtype)]
         self.lerp_call([Table(s) for s in shadows], Table(sources), kind)(weights)
+
+    def guarded_lerp(self, shadows: Table, sources: Table, kind: int, weight: float,
+                     limit: float) -> tuple[list[int], float]:
+        """``shadows[j].lerp_(sources[j], weight)`` for each j whose source is all at most
+        ``limit`` in magnitude (so finite); returns the positions j left alone, and the largest
+        magnitude folded in."""
+        failed = (ctypes.c_uint8 * max(sources.count, 1))()
+        top = self._lib.emakit_guarded_lerp(sources.count, shadows.pointers, sources.pointers,
+                                            sources.prefix, kind, weight, limit, failed,
+                                            self.threads())
+        return [j for j in range(sources.count) if failed[j]] if any(failed) else [], top
 
     def peak(self, table: Table, dtype: torch.dtype) -> float:
         """``max |x|`` over the table's tensors (NaN if one is NaN; 0.0 for none)."""

@@ -33,13 +33,7 @@ class Part:
 
     def __init__(self, index: list[int], shadows: list[torch.Tensor],
                  sources: list[torch.Tensor]) -> None:
-        runs, loose = find_runs(shadows, sources)
-        hold_above = self.hold_above()
-        if hold_above is not None:
-            big = {k for k in loose if shadows[k].numel() > hold_above
-                   and pairable(shadows[k], sources[k])}
-            runs += [[k] for k in sorted(big)]
-            loose = [k for k in loose if k not in big]
+        runs, loose = self.split(shadows, sources)
         self.held = [index[k] for run in runs for k in run]
         self.held_shadows = [region([shadows[k] for k in run]) for run in runs]
         self.held_sources = [region([sources[k] for k in run]) for run in runs]
@@ -49,6 +43,18 @@ class Part:
         self.source_kind = where(sources[0])
 
     kind = "direct"
+
+    def split(self, shadows: list[torch.Tensor], sources: list[torch.Tensor]
+              ) -> tuple[list[list[int]], list[int]]:
+        """Positions held (as runs, each one pair of 1-D views) and positions read afresh."""
+        runs, loose = find_runs(shadows, sources)
+        hold_above = self.hold_above()
+        if hold_above is not None:
+            big = {k for k in loose if shadows[k].numel() > hold_above
+                   and pairable(shadows[k], sources[k])}
+            runs += [[k] for k in sorted(big)]
+            loose = [k for k in loose if k not in big]
+        return runs, loose
 
     def hold_above(self) -> int | None:
         """Hold a lone tensor of more elements than this as a run of its own (None: never)."""
@@ -169,20 +175,24 @@ def native_pairs(shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor
 
 
 class Native(Part):
-    """A CPU group updated by one call of emakit's native kernels (lerp, copy, peak).
+    """A CPU group updated by one call of emakit's native kernels (lerp, copy, peak, guard).
 
-    Every tensor is held (a run, or a tensor of its own): the call's tables of addresses are
-    laid out once, and the plan's pointer check tells when a source moved.
+    Every tensor is held on its own: the call's tables of addresses are laid out once, and the
+    plan's pointer check tells when a source moved.
     """
 
     kind = "native"
 
-    def hold_above(self) -> int | None:
-        return 0
+    def split(self, shadows: list[torch.Tensor], sources: list[torch.Tensor]
+              ) -> tuple[list[list[int]], list[int]]:
+        # each tensor on its own (one kernel call covers them all the same): the guard skips
+        # tensor by tensor; empty ones are left loose (nothing to do)
+        return ([[k] for k, s in enumerate(shadows) if s.numel()],
+                [k for k, s in enumerate(shadows) if not s.numel()])
 
     def __init__(self, index: list[int], shadows: list[torch.Tensor],
                  sources: list[torch.Tensor], kernels: Kernels, *, copied: bool) -> None:
-        super().__init__(index, shadows, sources)  # only empty tensors stay loose
+        super().__init__(index, shadows, sources)
         self.kernels = kernels
         self.dtype = sources[0].dtype
         self.copied = copied
@@ -204,6 +214,15 @@ class Native(Part):
             self.kernels.copy(self.shadow_table, self.source_table)
         else:
             super().copy_(sources)
+
+    def guarded_lerp_(self, weight: float, limit: float) -> tuple[list[int], float]:
+        """Fold in each tensor whose weights are all at most ``limit`` in magnitude; returns
+        the positions (as in the plan) of the others, left as they were, and the largest
+        magnitude folded in."""
+        assert not self.copied  # callers check; internal invariant
+        failed, top = self.kernels.guarded_lerp(self.shadow_table, self.source_table,
+                                                self.code, weight, limit)
+        return [self.held[j] for j in failed], top
 
     def peak(self) -> float:
         """``max |x|`` over the group's sources (NaN if one is NaN): one kernel call. Only for

@@ -58,6 +58,7 @@ class TorchPlan(Plan):
         self.loose = sorted(set(range(len(sources))) - set(held))
         self.loose_signature = signature([sources[i] for i in self.loose])
         self.generation = layout.generation
+        self.checks_while_folding = fast and all(isinstance(p, Native) for p in self.lerps)
         # held runs are detached views: autograd needs switching off only for loose sources
         detached = fast and not any(p.loose for p in self.lerps)
         self.grad_off: Any = contextlib.nullcontext() if detached else torch.no_grad()
@@ -103,23 +104,38 @@ class TorchPlan(Plan):
                                                              ("copy", self.copies))
                      for part in parts)
 
-    def peaks(self, sources: Sequence[torch.Tensor]) -> tuple[float, float] | None:
+    def peaks(self, sources: Sequence[torch.Tensor], *, averaged: bool = True
+              ) -> tuple[float, float] | None:
         if self.offloaded:  # the sources are read on another device by a worker thread
             return None
         n = len(self.avg_shadows)
         if self.loop:
-            groups = [list(sources[:n]), list(sources[n:])]
+            groups = [list(sources[:n]) if averaged else [], list(sources[n:])]
             native_tops: list[list[float]] = [[], []]
         else:  # a held run is one tensor here: one reduction covers a flattened module
+            lerps = self.lerps if averaged else []
             by_kernel = [[p for p in parts if isinstance(p, Native) and p.peak_table is not None]
-                         for parts in (self.lerps, self.copies)]
+                         for parts in (lerps, self.copies)]
             native_tops = [[p.peak() for p in ps] for ps in by_kernel]
             groups = [[x for p in parts if p not in ps for x in p.sources(sources)]
-                      for parts, ps in zip((self.lerps, self.copies), by_kernel)]
+                      for parts, ps in zip((lerps, self.copies), by_kernel)]
         floating = [[x for x in g if x.is_floating_point() or x.is_complex()] for g in groups]
         tops = peaks(floating[0] + floating[1])
         k = len(floating[0])
         return _largest(tops[:k] + native_tops[0]), _largest(tops[k:] + native_tops[1])
+
+    def guarded_lerp_(self, sources: Sequence[torch.Tensor], weight: float, limit: float
+                      ) -> tuple[list[int], float] | None:
+        if not self.checks_while_folding:
+            return None
+        failed: list[int] = []
+        top = 0.0
+        for part in self.lerps:
+            assert isinstance(part, Native)  # checked above
+            left, folded = part.guarded_lerp_(weight, limit)
+            failed += left
+            top = max(top, folded)
+        return sorted(failed), top
 
     def settle(self) -> None:
         for part in self.offloaded:
