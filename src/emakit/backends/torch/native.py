@@ -154,7 +154,7 @@ class LerpCall:
         self.fn = kernels._lib.emakit_lerp
 
     def __call__(self, weights: Sequence[float]) -> None:
-        self.weights[:] = weights
+        self.weights[:] = list(weights)
         self.fn(*self.args, self.weights, self.kernels.threads())
 
 
@@ -175,7 +175,7 @@ def kernels() -> Kernels | None:
             if _loaded is None and _why_not is None:
                 try:
                     _loaded = _load()
-                except _Unavailable as e:
+                except _UnavailableError as e:
                     _why_not = str(e)
     if _loaded is None and choice == "1":
         raise RuntimeError(f"EMAKIT_NATIVE=1, but emakit's native kernels are unavailable: "
@@ -206,29 +206,39 @@ def _choice() -> str:
     return choice
 
 
-class _Unavailable(Exception):
+class _UnavailableError(Exception):
     """The native kernels cannot be built or loaded here (the message says why)."""
 
 
 def _load() -> Kernels:
     if sys.platform not in ("linux", "darwin"):
-        raise _Unavailable(f"built only on Linux and macOS (this is {sys.platform})")
+        raise _UnavailableError(f"built only on Linux and macOS (this is {sys.platform})")
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        raise _Unavailable("no C compiler found (cc, gcc, or $CC)")
+        raise _UnavailableError("no C compiler found (cc, gcc, or $CC)")
     path = _cache_dir() / f"kernels-{_key(compiler)}.so"
     if not path.exists():
         _build(compiler, path)
     try:
-        library = ctypes.CDLL(str(path))
-    except OSError as e:
-        raise _Unavailable(f"{path} did not load: {e}") from None
-    if library.emakit_kernels_version() != ABI:
-        raise _Unavailable(f"{path} is of another emakit version")
+        library = _open(path)
+    except _UnavailableError:  # a damaged cached file (a crash while copying it in): build anew
+        _build(compiler, path)
+        library = _open(path)
     _check_one_openmp()
     k = Kernels(library, path)
     _self_check(k)
     return k
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    try:
+        library = ctypes.CDLL(str(path))
+        version = library.emakit_kernels_version()
+    except (OSError, AttributeError) as e:
+        raise _UnavailableError(f"{path} did not load: {e}") from None
+    if version != ABI:
+        raise _UnavailableError(f"{path} is of another emakit version")
+    return library
 
 
 def _cache_dir() -> Path:
@@ -247,7 +257,7 @@ def _key(compiler: str) -> str:
         version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30,
                                  check=False).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise _Unavailable(f"{compiler} --version failed: {e}") from None
+        raise _UnavailableError(f"{compiler} --version failed: {e}") from None
     h.update(version)
     h.update(_cpu_flags().encode())  # -march=native: another CPU needs another build
     return h.hexdigest()[:20]
@@ -272,7 +282,7 @@ def _build(compiler: str, path: Path) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".build-", suffix=".so")
         os.close(fd)
     except OSError as e:
-        raise _Unavailable(f"cannot write the cache folder {path.parent}: {e} (set "
+        raise _UnavailableError(f"cannot write the cache folder {path.parent}: {e} (set "
                            f"EMAKIT_CACHE to a writable folder)") from None
     try:
         for flags in (_FLAGS, [f for f in _FLAGS if f != "-march=native"]):
@@ -280,12 +290,12 @@ def _build(compiler: str, path: Path) -> None:
                 done = subprocess.run([compiler, *flags, "-o", tmp, str(_SOURCE)],
                                       capture_output=True, text=True, timeout=300, check=False)
             except (OSError, subprocess.SubprocessError) as e:
-                raise _Unavailable(f"{compiler} failed to run: {e}") from None
+                raise _UnavailableError(f"{compiler} failed to run: {e}") from None
             if done.returncode == 0:
                 os.replace(tmp, path)
                 return
         last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise _Unavailable(f"{compiler} could not build {_SOURCE.name}: {last}")
+        raise _UnavailableError(f"{compiler} could not build {_SOURCE.name}: {last}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -301,7 +311,8 @@ def _check_one_openmp() -> None:
     runtimes = sorted(p for p in files
                       if os.path.basename(p).startswith(("libgomp", "libiomp", "libomp")))
     if len(runtimes) > 1:
-        raise _Unavailable(f"the kernels' OpenMP runtime is not torch's ({', '.join(runtimes)})")
+        raise _UnavailableError(
+            f"the kernels' OpenMP runtime is not torch's ({', '.join(runtimes)})")
 
 
 def _self_check(k: Kernels) -> None:
@@ -317,8 +328,8 @@ def _self_check(k: Kernels) -> None:
             got = base.clone()
             k.lerp([[got]], [source], [w])
             if not torch.equal(got, expect):
-                raise _Unavailable(f"the built kernels round differently from torch "
+                raise _UnavailableError(f"the built kernels round differently from torch "
                                    f"({shadow_dtype} from {source_dtype}, weight {w})")
         source[n // 3] = float("nan")
         if not torch.isnan(torch.tensor(k.peak(Table([source]), source_dtype))):
-            raise _Unavailable("the built kernels missed a NaN")
+            raise _UnavailableError("the built kernels missed a NaN")

@@ -19,7 +19,7 @@ from emakit.backends.base import GroupInfo, Plan
 from emakit.backends.torch import layout, native, offload
 from emakit.backends.torch.layout import group_positions, signature, where
 from emakit.backends.torch.offload import Offloaded
-from emakit.backends.torch.parts import Direct, Native, Part, Staged, native_pairs
+from emakit.backends.torch.parts import Direct, Native, Staged, native_pairs
 from emakit.backends.torch.readback import peaks
 
 __all__ = ["TorchPlan", "part_for"]
@@ -40,8 +40,8 @@ class TorchPlan(Plan):
         self.sources_at_plan = [where(x) for x in sources]  # for describe()
         self.avg_shadows = list(avg_shadows)
         self.copy_shadows = list(copy_shadows)
-        self.lerps: list[Part] = []
-        self.copies: list[Part] = []  # never Staged (see part_for)
+        self.lerps: list[Direct | Staged | Native | Offloaded] = []
+        self.copies: list[Direct | Staged | Native | Offloaded] = []  # never Staged (see part_for)
         if fast:
             for index in group_positions(avg_shadows, sources[:n]):
                 shadows, srcs = [avg_shadows[i] for i in index], [sources[i] for i in index]
@@ -154,7 +154,7 @@ def _loop_info(role: str, shadows: Sequence[torch.Tensor], sources: Sequence[str
 
 
 def part_for(shadows: list[torch.Tensor], sources: list[torch.Tensor], index: list[int],
-             overlap: bool, *, copied: bool) -> Part:
+             overlap: bool, *, copied: bool) -> Direct | Staged | Native | Offloaded:
     """The part for one group, by the kind of its shadows and sources.
 
     CPU groups the native kernels know are :class:`Native` (when they are available: see
