@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("kernels")  # native and torch kernels alike
 
 import emakit
 from emakit.backends.torch import layout as torch_layout
@@ -46,9 +47,11 @@ def averaged_groups(ema: Any) -> list[Any]:
 
 
 def one_kernel(ema: Any) -> bool:
-    """The whole average is one lerp_ over one run (two held 1-D views)."""
+    """The whole average is one kernel over one run (two held 1-D views, or one native call
+    over one stretch of memory)."""
     groups = averaged_groups(ema)
-    return [(g.kind, g.runs, g.loose) for g in groups] == [("direct", 1, 0)]
+    return [(g.kind, g.runs, g.loose) for g in groups] in ([("direct", 1, 0)],
+                                                          [("native", 1, 0)])
 
 
 def storages(model: Any) -> set[int]:
@@ -131,7 +134,8 @@ def storages_of(tensors: Any) -> set[int]:
 
 
 @pytest.mark.parametrize("staging", [1 << 20, 50])
-def test_flat_bf16_model_with_fp32_shadows_equals_the_loop(monkeypatch: Any, staging: int) -> None:
+def test_flat_bf16_model_with_fp32_shadows_equals_the_loop(monkeypatch: Any, kernels: str,
+                                                           staging: int) -> None:
     monkeypatch.setattr(torch_layout, "STAGING_ELEMENTS", staging)
     flat_model, loop_model = make().bfloat16(), make().bfloat16()
     emakit.flatten_parameters(flat_model)
@@ -145,10 +149,13 @@ def test_flat_bf16_model_with_fp32_shadows_equals_the_loop(monkeypatch: Any, sta
                 b.add_(noise.bfloat16())
         flat.update()
         loop.update()
-    staged = [g for g in averaged_groups(flat) if g.kind == "staged"]
-    assert [(g.runs, g.loose) for g in staged] == [(1, 0)]  # the run is held, cut into chunks
-    if staging == 50:
-        assert staged[0].chunks > 10
+    if kernels == "native":  # converted on the fly in one call, no staging
+        assert one_kernel(flat)
+    else:
+        staged = [g for g in averaged_groups(flat) if g.kind == "staged"]
+        assert [(g.runs, g.loose) for g in staged] == [(1, 0)]  # the run is held, in chunks
+        if staging == 50:
+            assert staged[0].chunks > 10
     assert_same_shadows(flat, loop)
 
 
@@ -346,6 +353,9 @@ def test_an_ema_made_before_flattening_keeps_its_per_tensor_update() -> None:
             p.mul_(2.0)
     ema.update()
     loop.update()
-    # the shadows were not laid out flat: no run, each tensor on its own
-    assert [g.runs for g in averaged_groups(ema)] == [0] and not one_kernel(ema)
+    # the shadows were not laid out flat: no run, each tensor on its own (native: each its
+    # own stretch of memory)
+    groups = averaged_groups(ema)
+    assert [g.runs for g in groups] == [0 if g.kind == "direct" else g.tensors for g in groups]
+    assert not one_kernel(ema)
     assert_same_shadows(ema, loop)

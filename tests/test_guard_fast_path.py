@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import emakit
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("kernels")  # native and torch kernels alike
 nn = torch.nn
 SKIP = emakit.Policy(nonfinite="skip")
 
@@ -174,9 +175,9 @@ def test_a_long_finite_run_stays_on_the_grouped_path(monkeypatch):
         checks.append(1)
         return True
 
-    monkeypatch.setattr(torch.Tensor, "__bool__", per_tensor_check)
-    for _ in range(20_000):
-        ema.update()
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.Tensor, "__bool__", per_tensor_check)
+        for _ in range(20_000):
+            ema.update()
     assert checks == []
     assert ema.nonfinite_skips() == {"a": 0, "b": 0}

@@ -29,13 +29,15 @@ class GroupInfo(NamedTuple):
 
     Attributes:
         role: ``"average"`` (lerp) or ``"copy"``.
-        kind: ``"direct"`` (the shadows' dtype and device: kernels straight on the tensors),
+        kind: ``"native"`` (CPU: one call of emakit's compiled kernels for the whole group,
+            converting bf16/fp16 weights on the fly; ``EMAKIT_NATIVE`` chooses), ``"direct"``
+            (the shadows' dtype and device: torch's kernels straight on the tensors),
             ``"staged"`` (converted chunk by chunk through a staging buffer), ``"offloaded"``
             (host shadows of a CUDA model: copied over, folded in by a background thread) or
             ``"loop"`` (the plain per-tensor loop).
         tensors: how many tensors the group updates.
         runs: stretches of tensors back to back in memory, one kernel each (a flattened
-            module is one run per group).
+            module is one run per group; ``"native"``: all in the one call).
         loose: tensors updated one by one (in one grouped ``_foreach`` call where possible).
         shadow: ``"dtype@device"`` of the shadows.
         source: ``"dtype@device"`` of the sources.

@@ -60,6 +60,28 @@ def _emakit_flat(model: nn.Module, decay: float) -> Update:
     return emakit.EMA(_flat_twin(model), decay=decay).update
 
 
+def _emakit_eager(flat: bool) -> Callable[[nn.Module, float], Update]:
+    """emakit on torch's kernels (``EMAKIT_NATIVE=0`` while its plan is made): the update
+    without emakit's compiled CPU kernels, as where no C compiler is found."""
+    def make(model: nn.Module, decay: float) -> Update:
+        import os
+
+        import emakit
+
+        ema = emakit.EMA(_flat_twin(model) if flat else model, decay=decay)
+        before = os.environ.get("EMAKIT_NATIVE")
+        os.environ["EMAKIT_NATIVE"] = "0"
+        try:
+            ema.update()  # the plan is made here, and kept
+        finally:
+            if before is None:
+                del os.environ["EMAKIT_NATIVE"]
+            else:
+                os.environ["EMAKIT_NATIVE"] = before
+        return ema.update
+    return make
+
+
 def _emakit_multi(flat: bool) -> Callable[[nn.Module, float], Update]:
     def make(model: nn.Module, decay: float) -> Update:
         import emakit
@@ -159,6 +181,8 @@ CONTENDERS: dict[str, Callable[[nn.Module, float], Update]] = {
     "emakit": _emakit(),
     "emakit loop": _emakit(foreach=False),
     "emakit flat": _emakit_flat,
+    "emakit eager": _emakit_eager(False),
+    "emakit flat eager": _emakit_eager(True),
     "emakit multi x2": _emakit_multi(False),
     "emakit flat multi x2": _emakit_multi(True),
     "emakit every=4": _emakit(every=4),
@@ -175,6 +199,7 @@ CONTENDERS: dict[str, Callable[[nn.Module, float], Update]] = {
     "classic snippet": _classic,
 }
 """Name -> factory. ``emakit every=4`` is timed per optimizer step (one call = one step);
+``eager``: on torch's kernels instead of emakit's compiled CPU kernels (``EMAKIT_NATIVE=0``);
 ``multi x2`` keeps two averages (decay and a 10x longer window) and is compared with the flat pass
 over the bytes it must move, ``4 + 8 * 2`` per fp32 parameter."""
 

@@ -102,10 +102,14 @@ class _Meter:
         tick = 1.0 / os.sysconf("SC_CLK_TCK")
         return wall / calls, others <= max(2 * tick, 0.1 * wall)
 
-    def calls_for(self, fn: Callable[[], Any], chunk_s: float, sync: Callable[[], None]) -> int:
+    def calls_for(self, fn: Callable[[], Any], chunk_s: float, sync: Callable[[], None],
+                  warmup: int = 1) -> int:
         """Calls per chunk, from batches of doubling size (a single call can mislead: with
-        ``every=k`` most calls are no-ops and every k-th one does the work)."""
-        fn()
+        ``every=k`` most calls are no-ops and every k-th one does the work), after ``warmup``
+        calls (``every=k``: k, so the first real update, which prepares the plan, is not
+        timed)."""
+        for _ in range(warmup):
+            fn()
         sync()
         calls, elapsed = 1, 0.0
         while True:
@@ -148,7 +152,7 @@ def interleaved(update: Callable[[], Any], flat: Callable[[], Any], *, chunks: i
         A :class:`Result`, with how many pairs were discarded and the load seen.
     """
     meter = _Meter(clock, cpu)
-    n_update = meter.calls_for(update, chunk_s, sync)
+    n_update = meter.calls_for(update, chunk_s, sync, warmup=multiple)
     n_flat = meter.calls_for(flat, chunk_s, sync)
     n_update = -(-n_update // multiple) * multiple
     ups: list[float] = []

@@ -38,8 +38,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--bf16", action="store_true",
                    help="also time emakit on bf16 copies of the models (fp32 shadows): "
-                        "emakit, emakit loop, emakit flat, emakit flat multi x2, or those of "
-                        "them given with --contenders")
+                        "emakit, emakit loop, emakit flat, emakit eager, emakit flat eager, "
+                        "emakit flat multi x2, or those of them given with --contenders")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                    help="folder for the .md and .json results (created if needed; default "
                         "benchmarks/results under the current folder)")
@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         groups = [contenders] if args.quick else [[c] for c in contenders]
         jobs += [{**base, "model": m, "contenders": g} for g in groups]
         if args.bf16:
-            bf16 = ["emakit", "emakit loop", "emakit flat", "emakit flat multi x2"]
+            bf16 = ["emakit", "emakit loop", "emakit flat", "emakit eager", "emakit flat eager",
+                    "emakit flat multi x2"]
             chosen = [c for c in bf16 if c in contenders] if args.contenders else bf16
             if chosen:
                 jobs.append({**base, "model": m, "contenders": chosen, "dtype": "bfloat16"})

@@ -264,14 +264,18 @@ def _key(compiler: str) -> str:
 
 
 def _cpu_flags() -> str:
+    """The first CPU's model and instruction-set flags (a VM may hide some of a model's)."""
+    keep: list[str] = []
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith(("flags", "Features", "model name")):
-                    return line
+                if not line.strip():
+                    break  # the end of the first processor's block
+                if line.startswith(("flags", "Features", "model name", "CPU part")):
+                    keep.append(line.strip())
     except OSError:
         pass
-    return platform.processor()
+    return "\n".join(keep) or platform.processor()
 
 
 def _build(compiler: str, path: Path) -> None:
@@ -318,12 +322,12 @@ def _check_one_openmp() -> None:
 def _self_check(k: Kernels) -> None:
     """Compare the kernels with torch's own on awkward values: any difference refuses them."""
     g = torch.Generator().manual_seed(0)
-    n = 4 * 32768 + 37  # several threads, and a tail
+    n = 2 * 32768 + 37  # two threads where there are two, and a tail
     for (shadow_dtype, source_dtype) in KINDS:
         base = torch.randn(n, generator=g, dtype=torch.float64).to(shadow_dtype)
         near = base + 1e-3 * torch.randn(n, generator=g, dtype=torch.float64).to(shadow_dtype)
         source = near.to(source_dtype)
-        for w in (1e-3, 0.3, 0.5, 0.999):
+        for w in (1e-3, 0.5, 0.999):  # both of torch's formulas
             expect = base.clone().lerp_(source.to(shadow_dtype), w)
             got = base.clone()
             k.lerp([[got]], [source], [w])

@@ -193,6 +193,8 @@ class Native(Part):
     def __init__(self, index: list[int], shadows: list[torch.Tensor],
                  sources: list[torch.Tensor], kernels: Kernels, *, copied: bool) -> None:
         super().__init__(index, shadows, sources)
+        runs, loose = find_runs(shadows, sources)  # for describe(): stretches in memory
+        self.stretches = len(runs) + sum(1 for k in loose if shadows[k].numel())
         self.kernels = kernels
         self.dtype = sources[0].dtype
         self.copied = copied
@@ -214,6 +216,9 @@ class Native(Part):
             self.kernels.copy(self.shadow_table, self.source_table)
         else:
             super().copy_(sources)
+
+    def describe(self, role: str) -> GroupInfo:
+        return super().describe(role)._replace(runs=self.stretches, loose=0)
 
     def guarded_lerp_(self, weight: float, limit: float) -> tuple[list[int], float]:
         """Fold in each tensor whose weights are all at most ``limit`` in magnitude; returns
