@@ -130,6 +130,22 @@ def test_any_sizes_and_decays_are_bitwise_torchs(sizes, decay, dtype):
 
 
 @needs_compiler
+def test_channels_last_weights_are_bitwise_torchs(monkeypatch):
+    """Dense tensors in another memory order (a channels-last conv): shadow and weight share the
+    strides, so one flat walk over both pairs the elements."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)).to(
+        memory_format=torch.channels_last).bfloat16()
+    fast, eager = twins(monkeypatch, model, decay=0.7, dtype=torch.float32)
+    assert kinds(fast) == {"native"}
+    for i in range(3):
+        step(model, seed=i)
+        fast.update()
+        eager.update()
+    assert_same_bits(fast.averaged(), eager.averaged())
+
+
+@needs_compiler
 def test_buffers_are_copied_and_batchnorm_counters_kept(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))

@@ -6,8 +6,9 @@ Two strategies, chosen by ``Policy(nonfinite=...)``:
   ``shadow <- lerp(shadow, w, 1 - D)``; copied tensors are copied.
 - :class:`Guarded` (``nonfinite="skip"``): a tensor whose update would not be all finite (NaN or
   Inf in the weights, or a finite weight that overflows the shadow's dtype or the lerp) keeps its
-  shadow for that update, and the skip is counted. The check reads one number per group back to
-  the host, so updates without such values run the plain grouped kernels.
+  shadow for that update, and the skip is counted. A plan with a checking kernel (the native CPU
+  kernel) checks each tensor just before folding it in; otherwise the check reads one number per
+  group back to the host, so updates without such values run the plain grouped kernels.
 
 A zero-started average (``init="zeros"``) is divided on reading by ``1 - P``, where ``P`` is the
 product of the decays of the updates that went into it (``docs/math.md`` (5)). Under the guard a
@@ -126,11 +127,15 @@ Plain = Folding
 class Guarded(Folding):
     """Skip, per tensor and update, what would make the shadow non-finite; count the skips.
 
-    An update first reads back the largest magnitude among the averaged weights and among the
-    copied ones (:meth:`~emakit.backends.Plan.peaks`: one reduction per run, one read). When
-    every value is finite and, like every shadow, at most the shadows' ``headroom`` (half their
-    dtype's largest value), no result can be non-finite, and the plain grouped kernels run.
-    Otherwise the update goes tensor by tensor (:meth:`~emakit.backends.Backend.guarded_update_`).
+    When every value is finite and, like every shadow, at most the shadows' ``headroom`` (half
+    their dtype's largest value), no result can be non-finite, and the plain update is exact. A
+    plan that :attr:`~emakit.backends.Plan.checks_while_folding` (the native CPU kernel) checks
+    each tensor against that limit just before folding it in
+    (:meth:`~emakit.backends.Plan.guarded_lerp_`); a tensor it left goes through the exact
+    per-tensor check. Otherwise an update first reads back the largest magnitude among the
+    averaged weights and among the copied ones (:meth:`~emakit.backends.Plan.peaks`: one
+    reduction per run, one read), runs the plain grouped kernels when they are within the
+    limit, and goes tensor by tensor (:meth:`~emakit.backends.Backend.guarded_update_`) when not.
     A bound on the shadows' magnitude is kept from the peaks folded in (a lerp's result lies
     between its inputs up to rounding), read from the shadows after a reset, a load or a
     tensor-by-tensor update. Counters and products live on the host (numpy).
