@@ -229,6 +229,62 @@ def test_a_moved_weight_is_noticed(monkeypatch):
     assert_same_bits(fast.averaged(), eager.averaged())
 
 
+@needs_compiler
+def test_a_new_view_of_the_same_memory_is_noticed(monkeypatch):
+    """``p.data = p.data[:2]`` keeps the address: the layout check (outside flattened runs)
+    sees the new shape, and the update refuses it as torch's kernels do; a transposed square
+    weight (same address and shape, other strides) is paired element by element again."""
+    for choice in ("1", "0"):
+        monkeypatch.setenv("EMAKIT_NATIVE", choice)
+        lin = nn.Linear(4, 4)
+        ema = emakit.EMA(lin, decay=0.5)
+        ema.update()
+        with torch.no_grad():
+            lin.weight.data = lin.weight.data[:2]
+        with pytest.raises(ValueError, match="has shape \\(2, 4\\) but its shadow has shape"):
+            ema.update()
+    model = model_of([16])
+    with torch.no_grad():
+        model.p0.data = model.p0.data.view(4, 4)
+    fast, eager = twins(monkeypatch, model, decay=0.5)
+    with torch.no_grad():
+        model.p0.data = model.p0.data.t()
+    for i in range(2):
+        step(model, seed=i)
+        fast.update()
+        eager.update()
+    assert_same_bits(fast.averaged(), eager.averaged())
+
+
+@needs_compiler
+def test_weights_replaced_by_to_are_freed_at_once(monkeypatch):
+    """A plan keeps no reference to the memory of weights outside flattened runs: after
+    ``model.to(torch.bfloat16)`` the old fp32 weights are freed before the next update."""
+    counts = {}
+    for choice in ("1", "0"):
+        monkeypatch.setenv("EMAKIT_NATIVE", choice)
+        model = model_of([1000, 3000])
+        ema = emakit.EMA(model, decay=0.5)
+        ema.update()
+        storage = model.p1.untyped_storage()
+        counts[choice] = torch._C._storage_Use_Count(storage._cdata)
+        del ema
+    assert counts["1"] == counts["0"]
+
+
+@needs_compiler
+def test_one_strided_weight_leaves_the_rest_of_its_group_native(monkeypatch):
+    model = model_of([100, 200])
+    model.register_parameter("odd", nn.Parameter(torch.randn(8, 4)[:, ::2]))
+    fast, eager = twins(monkeypatch, model, decay=0.6, policy=SKIP)
+    assert sorted(g.kind for g in fast.update_plan()) == ["direct", "native"]
+    for i in range(3):
+        step(model, seed=i)
+        fast.update()
+        eager.update()
+    assert_same_bits(fast.averaged(), eager.averaged())
+
+
 def test_a_bad_choice_names_the_variable(monkeypatch):
     monkeypatch.setenv("EMAKIT_NATIVE", "yes")
     ema = emakit.EMA(model_of([4]), decay=0.5)
@@ -272,10 +328,43 @@ def test_built_once_then_loaded_from_the_cache_and_rebuilt_when_damaged(tmp_path
     second = run_fresh(PROBE, env)
     assert second.returncode == 0 and "['native']" in second.stdout
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not built again
-    built[0].write_bytes(b"not a library")  # a damaged cache file
-    third = run_fresh(PROBE, env)
-    assert third.returncode == 0 and "['native']" in third.stdout, third.stderr
-    assert built[0].read_bytes()[:4] == b"\x7fELF"
+    assert built[0].stat().st_mode & 0o777 == 0o755  # a shared cache: others can load it
+    whole = built[0].read_bytes()
+    for damaged in (b"not a library", whole[:len(whole) // 2], whole[:-100]):
+        built[0].write_bytes(damaged)  # a damaged cache file; cut short, it would crash dlopen's
+        again = run_fresh(PROBE, env)  # caller (SIGBUS) when touched
+        assert again.returncode == 0 and "['native']" in again.stdout, again.stderr
+        assert built[0].read_bytes()[:4] == b"\x7fELF"
+
+
+@needs_compiler
+def test_a_compiler_command_with_arguments(tmp_path: Path):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    done = run_fresh(PROBE, {"EMAKIT_CACHE": str(tmp_path), "CC": f"{cc} -Wall"})
+    assert done.returncode == 0 and "['native'] native (" in done.stdout, done.stdout
+
+
+@needs_compiler
+def test_the_guard_runs_on_a_thread_with_a_small_stack(tmp_path: Path):
+    """The guarded kernel keeps its per-thread results off a small caller's stack (it had put
+    72 KiB there: a thread made with a 64 KiB stack crashed)."""
+    code = """
+import threading, torch, emakit
+torch.set_num_threads(2)
+model = torch.nn.Linear(256, 256)
+ema = emakit.EMA(model, decay=0.9, policy=emakit.Policy(nonfinite="skip"))
+ema.update()
+def work():
+    for _ in range(3):
+        ema.update()
+    print(sorted({g.kind for g in ema.update_plan()}), flush=True)
+threading.stack_size(64 * 1024)
+t = threading.Thread(target=work)
+t.start()
+t.join()
+"""
+    done = run_fresh(code, {"EMAKIT_CACHE": str(tmp_path)})
+    assert done.returncode == 0 and "['native']" in done.stdout, (done.returncode, done.stderr)
 
 
 def test_without_a_compiler_torchs_kernels_are_used_or_the_reason_given(tmp_path: Path):

@@ -10,7 +10,10 @@
  * stretch per thread, so tensors of any sizes keep every thread equally busy.
  *
  *   emakit_lerp   shadow <- lerp(shadow, source, w) with torch's rounding (bitwise equal to
- *                 Tensor.lerp_ on CPU): |w| < 0.5: fma(w, x - s, s); else fma(w - 1, x - s, x).
+ *                 Tensor.lerp_ on CPU): |w| < 0.5: fma(w, x - s, s); else fma(w - 1, x - s, x),
+ *                 as torch's vectorised body computes it. (Torch's scalar tail, the last few
+ *                 elements of a piece, gives another sign to a zero result at w = 1: there
+ *                 torch does not agree with itself, and these kernels follow the body.)
  *                 Sources in float32, bfloat16 or float16 into float32 shadows (converted
  *                 exactly on the fly), or float64 into float64. Several averages of one
  *                 source ("members", each with its weight) read each block of it once.
@@ -22,6 +25,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <omp.h>
@@ -239,18 +243,30 @@ static void peak_stretch(int64_t k, const void *const *xs, const int64_t *prefix
     out[t] = best;
 }
 
-#define MAX_THREADS 1024
+/* Per-thread results live on the caller's stack for teams up to SMALL_TEAM threads (a few
+ * hundred bytes: safe on a thread with a small stack), on the heap for larger teams. */
+#define SMALL_TEAM 16
+
+/* Zeroed room for nt per-thread slots of `size` bytes: `small` (SMALL_TEAM slots) when it
+ * fits, else the heap; on a failed allocation, the team shrinks to SMALL_TEAM. */
+static void *slots(void *small, int *nt, size_t size) {
+    if (*nt <= SMALL_TEAM) return small;
+    void *room = calloc((size_t)*nt, size);
+    if (room == NULL) *nt = SMALL_TEAM;
+    return room == NULL ? small : room;
+}
 
 /* max |x| over every element of the k tensors: NaN if one is NaN (its pattern is the largest),
  * inf if one is infinite; 0.0 for none. */
 double emakit_peak(int64_t k, const void *const *xs, const int64_t *prefix, int kind,
                    int threads) {
-    uint64_t best[MAX_THREADS] = {0};
+    uint64_t small[SMALL_TEAM] = {0};
     int nt = team(prefix[k], threads, 65536);
-    nt = nt > MAX_THREADS ? MAX_THREADS : nt;
+    uint64_t *best = slots(small, &nt, sizeof *best);
     ON_TEAM(nt, peak_stretch(k, xs, prefix, kind, t, nt_, best));
     uint64_t top = 0;
     for (int t = 0; t < nt; t++) top = best[t] > top ? best[t] : top;
+    if (best != small) free(best);
     return from_bits(top, kind);
 }
 
@@ -334,14 +350,21 @@ static void guard_stretch(const GuardJob *job, int t, int nt) {
 double emakit_guarded_lerp(int64_t k, void *const *shadows, const void *const *sources,
                            const int64_t *prefix, int kind, double w, double limit,
                            uint8_t *failed, int threads) {
-    Edge edges[2 * MAX_THREADS];
-    uint64_t folded[MAX_THREADS] = {0};
-    int nt = team(prefix[k], threads, 32768);
-    nt = nt > MAX_THREADS ? MAX_THREADS : nt;
+    Edge small_edges[2 * SMALL_TEAM];
+    uint64_t small_folded[SMALL_TEAM] = {0};
+    int nt = team(prefix[k], threads, 32768), wanted = nt;
+    uint64_t *folded = slots(small_folded, &nt, sizeof *folded);
+    Edge *edges = slots(small_edges, &nt, 2 * sizeof *edges);
+    if (nt < wanted && folded != small_folded) { /* the second allocation failed */
+        free(folded);
+        folded = small_folded;
+    }
     const GuardJob job = {k, shadows, sources, prefix, kind, w, limit, failed, edges, folded};
     ON_TEAM(nt, guard_stretch(&job, t, nt_));
     uint64_t top = 0;
     for (int t = 0; t < nt; t++) top = folded[t] > top ? folded[t] : top;
+    if (folded != small_folded) free(folded);
+    if (edges != small_edges) free(edges);
     return from_bits(top, kind);
 }
 

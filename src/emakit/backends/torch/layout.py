@@ -16,14 +16,15 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 __all__ = ["PLAIN", "STAGING_ELEMENTS", "bump_generation", "find_runs", "follows", "generation",
-           "group_positions", "is_dense", "pairable", "region", "signature", "source_runs",
-           "where"]
+           "group_positions", "is_dense", "pairable", "region", "shapes_and_strides", "signature",
+           "source_runs", "where"]
 
 generation = 0
 """Bumped by every :func:`emakit.flatten_parameters` call that moved a tensor: a plan made
@@ -47,7 +48,18 @@ PLAIN = (torch.Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", torch.Ten
 
 
 def signature(xs: Sequence[torch.Tensor]) -> list[tuple[Any, ...]]:
+    """Shape, dtype and device of each tensor: what a plan re-checks per update for tensors it
+    reads afresh."""
     return [(x.shape, x.dtype, x.device) for x in xs]
+
+
+_SHAPE = operator.attrgetter("shape")
+
+
+def shapes_and_strides(xs: Sequence[torch.Tensor]) -> tuple[list[Any], list[Any]]:
+    """Shapes and strides: what a plan re-checks per update for tensors it holds by address
+    (a new view of the same memory keeps the address). Two C-level passes."""
+    return list(map(_SHAPE, xs)), list(map(torch.Tensor.stride, xs))
 
 
 def is_dense(t: torch.Tensor) -> bool:

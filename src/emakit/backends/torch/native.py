@@ -4,7 +4,9 @@ torch updates a group of tensors one kernel launch per tensor (``_foreach_lerp_`
 loop of ``lerp_``: about 1.4 us of dispatch each), and has no kernel that folds a bfloat16
 weight into a float32 shadow without a converted copy. ``kernels.c`` (next to this file) does a
 whole group in one call, converting on the fly, with torch's rounding: the result is bitwise
-equal to ``Tensor.lerp_``, checked on every load against torch itself.
+equal to ``Tensor.lerp_``, checked on every load against torch itself (but for the sign of a
+zero result at weight 1, a decay-0 update, where torch's vectorised body and scalar tail
+disagree with each other; these kernels follow the body).
 
 The first use in a process compiles ``kernels.c`` with ``cc -O3 -march=native -fopenmp`` (about
 a second) into a cache folder (``$EMAKIT_CACHE``, else ``$XDG_CACHE_HOME/emakit``, else
@@ -35,6 +37,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -68,12 +71,14 @@ _why_not: str | None = None  # set once a build or load failed: not tried again 
 class Table:
     """The addresses and prefix sums of a fixed list of tensors, as the kernels take them.
 
-    Holds the tensors (their memory stays alive while the table does), so an address recorded
-    here is still that memory at every call.
+    ``hold=True`` keeps the tensors (their memory stays alive while the table does, so an
+    address recorded here is still that memory at every call); ``hold=False`` keeps only the
+    addresses, for tensors whose owner checks before every call that they are still there.
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], *, nbytes: bool = False) -> None:
-        self.tensors = list(tensors)
+    def __init__(self, tensors: Sequence[torch.Tensor], *, nbytes: bool = False,
+                 hold: bool = True) -> None:
+        self.tensors = list(tensors) if hold else []
         self.pointers = (ctypes.c_void_p * max(len(tensors), 1))(
             *[t.data_ptr() for t in tensors])
         sizes = [t.numel() * (t.element_size() if nbytes else 1) for t in tensors]
@@ -213,9 +218,7 @@ class _UnavailableError(Exception):
 def _load() -> Kernels:
     if sys.platform not in ("linux", "darwin"):
         raise _UnavailableError(f"built only on Linux and macOS (this is {sys.platform})")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise _UnavailableError("no C compiler found (cc, gcc, or $CC)")
+    compiler = _compiler()
     path = _cache_dir() / f"kernels-{_key(compiler)}.so"
     if not path.exists():
         _build(compiler, path)
@@ -230,7 +233,48 @@ def _load() -> Kernels:
     return k
 
 
+def _compiler() -> list[str]:
+    """The compiler command: ``$CC`` (split like a shell word list: ``ccache gcc``), else cc or
+    gcc on the PATH."""
+    given = os.environ.get("CC", "").strip()
+    if given:
+        try:
+            return shlex.split(given)
+        except ValueError as e:
+            raise _UnavailableError(f"CC={given!r} cannot be split into words: {e}") from None
+    found = shutil.which("cc") or shutil.which("gcc")
+    if found is None:
+        raise _UnavailableError("no C compiler found (cc, gcc, or $CC)")
+    return [found]
+
+
+def _complete(path: Path) -> bool:
+    """Whether a built library is whole: an ELF file cut short (a crash while it was copied in,
+    a full disk) would pass ``dlopen`` and then kill the process (SIGBUS) when touched. Its
+    section headers end the file; other formats are taken as they are."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if head[:4] != b"\x7fELF":
+        return head[:4] in (b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe")  # Mach-O
+    if head[4] != 2 or len(head) < 64:  # ELF32 is not built here: refuse, then rebuild
+        return False
+    big = head[5] != 1
+
+    def field(lo: int, hi: int) -> int:
+        return int.from_bytes(head[lo:hi], "big" if big else "little")
+
+    phoff, shoff = field(32, 40), field(40, 48)
+    phsize, phnum, shsize, shnum = field(54, 56), field(56, 58), field(58, 60), field(60, 62)
+    return phoff + phsize * phnum <= size and shoff + shsize * shnum <= size and shnum > 0
+
+
 def _open(path: Path) -> ctypes.CDLL:
+    if not _complete(path):
+        raise _UnavailableError(f"{path} is incomplete")
     try:
         library = ctypes.CDLL(str(path))
         version = library.emakit_kernels_version()
@@ -249,15 +293,15 @@ def _cache_dir() -> Path:
     return Path(xdg) / "emakit" if xdg else Path.home() / ".cache" / "emakit"
 
 
-def _key(compiler: str) -> str:
+def _key(compiler: list[str]) -> str:
     """A digest of everything the built library depends on: a change builds a new one."""
     h = hashlib.sha256(_SOURCE.read_bytes())
-    h.update(" ".join([compiler, *_FLAGS, platform.machine(), str(ABI)]).encode())
+    h.update(" ".join([*compiler, *_FLAGS, platform.machine(), str(ABI)]).encode())
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30,
+        version = subprocess.run([*compiler, "--version"], capture_output=True, timeout=30,
                                  check=False).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise _UnavailableError(f"{compiler} --version failed: {e}") from None
+        raise _UnavailableError(f"{' '.join(compiler)} --version failed: {e}") from None
     h.update(version)
     h.update(_cpu_flags().encode())  # -march=native: another CPU needs another build
     return h.hexdigest()[:20]
@@ -278,28 +322,37 @@ def _cpu_flags() -> str:
     return "\n".join(keep) or platform.processor()
 
 
-def _build(compiler: str, path: Path) -> None:
-    """Compile into a temporary file and rename it into place (other processes never see half
-    a library; two building at once both succeed)."""
+def _build(compiler: list[str], path: Path) -> None:
+    """Compile into a temporary file, flush it, make it readable by all (a shared cache), and
+    rename it into place (other processes never see half a library; two building at once both
+    succeed)."""
+    name = " ".join(compiler)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".build-", suffix=".so")
         os.close(fd)
     except OSError as e:
         raise _UnavailableError(f"cannot write the cache folder {path.parent}: {e} (set "
-                           f"EMAKIT_CACHE to a writable folder)") from None
+                                f"EMAKIT_CACHE to a writable folder)") from None
     try:
         for flags in (_FLAGS, [f for f in _FLAGS if f != "-march=native"]):
             try:
-                done = subprocess.run([compiler, *flags, "-o", tmp, str(_SOURCE)],
+                done = subprocess.run([*compiler, *flags, "-o", tmp, str(_SOURCE)],
                                       capture_output=True, text=True, timeout=300, check=False)
             except (OSError, subprocess.SubprocessError) as e:
-                raise _UnavailableError(f"{compiler} failed to run: {e}") from None
+                raise _UnavailableError(f"{name} failed to run: {e}") from None
             if done.returncode == 0:
-                os.replace(tmp, path)
+                try:
+                    with open(tmp, "rb") as f:
+                        os.fsync(f.fileno())
+                    os.chmod(tmp, 0o755)
+                    os.replace(tmp, path)
+                except OSError as e:
+                    raise _UnavailableError(f"cannot put the built kernels at {path}: {e} "
+                                            f"(set EMAKIT_CACHE to a folder of your own)") from None
                 return
         last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise _UnavailableError(f"{compiler} could not build {_SOURCE.name}: {last}")
+        raise _UnavailableError(f"{name} could not build {_SOURCE.name}: {last}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

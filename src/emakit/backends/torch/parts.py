@@ -177,8 +177,12 @@ def native_pairs(shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor
 class Native(Part):
     """A CPU group updated by one call of emakit's native kernels (lerp, copy, peak, guard).
 
-    Every tensor is held on its own: the call's tables of addresses are laid out once, and the
-    plan's pointer check tells when a source moved.
+    The call's tables of addresses are laid out once; every tensor has its entry (the guard
+    skips tensor by tensor). Before each call the plan checks every source's address, and the
+    layout (shape, strides, dtype) of those not in a run (:attr:`recheck`): a new view of the
+    same memory is noticed as a moved tensor is. The memory of runs (a flattened module) is
+    kept alive by the part, as for :class:`Direct`; that of other sources is not (a model
+    converted with ``.to()`` frees its old weights at once).
     """
 
     kind = "native"
@@ -193,19 +197,27 @@ class Native(Part):
     def __init__(self, index: list[int], shadows: list[torch.Tensor],
                  sources: list[torch.Tensor], kernels: Kernels, *, copied: bool) -> None:
         super().__init__(index, shadows, sources)
-        runs, loose = find_runs(shadows, sources)  # for describe(): stretches in memory
+        runs, loose = find_runs(shadows, sources)  # stretches in memory
         self.stretches = len(runs) + sum(1 for k in loose if shadows[k].numel())
+        in_run = {index[k] for run in runs for k in run}
+        self.recheck = [i for i in self.held if i not in in_run]
+        self.index, self.own_shadows = index, shadows
         self.kernels = kernels
         self.dtype = sources[0].dtype
         self.copied = copied
-        self.source_table = Table(self.held_sources, nbytes=copied)
+        views = self.held_sources
+        self.held_sources = [v for i, v in zip(self.held, views) if i in in_run]  # kept alive
+        self.source_table = Table(views, nbytes=copied, hold=False)
         self.shadow_table = Table(self.held_shadows, nbytes=copied)
         self.code = -1 if copied else KINDS[(shadows[0].dtype, self.dtype)]
         self.call = None if copied else kernels.lerp_call([self.shadow_table],
                                                            self.source_table, self.code)
         # the sources by element, for peak(); None: a dtype the peak kernel does not read
         self.peak_table = (self.source_table if not copied else
-                           Table(self.held_sources) if self.dtype in PEAK_KINDS else None)
+                           Table(views, hold=False) if self.dtype in PEAK_KINDS else None)
+
+    def sources(self, sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [sources[i] for i in self.held + self.loose]
 
     def lerp_(self, sources: Sequence[torch.Tensor], weight: float) -> None:
         if self.call is not None:
@@ -214,8 +226,10 @@ class Native(Part):
     def copy_(self, sources: Sequence[torch.Tensor]) -> None:
         if self.copied:
             self.kernels.copy(self.shadow_table, self.source_table)
-        else:
-            super().copy_(sources)
+        else:  # the shadows as allocated, paired with the sources in their own shapes
+            positions = {i: k for k, i in enumerate(self.index)}
+            order = self.held + self.loose
+            copy_all([self.own_shadows[positions[i]] for i in order], self.sources(sources))
 
     def describe(self, role: str) -> GroupInfo:
         return super().describe(role)._replace(runs=self.stretches, loose=0)

@@ -17,20 +17,21 @@ import torch
 
 from emakit.backends.base import GroupInfo, Plan
 from emakit.backends.torch import layout, native, offload
-from emakit.backends.torch.layout import group_positions, signature, where
+from emakit.backends.torch.layout import group_positions, shapes_and_strides, signature, where
 from emakit.backends.torch.offload import Offloaded
 from emakit.backends.torch.parts import Direct, Native, Staged, native_pairs
 from emakit.backends.torch.readback import peaks
 
-__all__ = ["TorchPlan", "part_for"]
+__all__ = ["TorchPlan", "parts_for"]
 
 
 class TorchPlan(Plan):
     """The prepared update of one EMA: averaged groups, copied groups, and how to re-check them.
 
     :meth:`fits` is what every update pays to know the plan still describes the sources: one
-    pointer read per tensor held in a run (sound because the plan keeps that memory alive),
-    and shape/dtype/device for loose tensors (they are read afresh anyway).
+    pointer read per tensor held in a run (sound because the plan keeps that memory alive) or
+    by a native part (with its shape and strides, outside runs), and shape/dtype/device for
+    loose tensors (they are read afresh anyway).
     """
 
     def __init__(self, avg_shadows: Sequence[torch.Tensor], copy_shadows: Sequence[torch.Tensor],
@@ -41,15 +42,15 @@ class TorchPlan(Plan):
         self.avg_shadows = list(avg_shadows)
         self.copy_shadows = list(copy_shadows)
         self.lerps: list[Direct | Staged | Native | Offloaded] = []
-        self.copies: list[Direct | Staged | Native | Offloaded] = []  # never Staged (see part_for)
+        self.copies: list[Direct | Staged | Native | Offloaded] = []  # never Staged (see parts_for)
         if fast:
             for index in group_positions(avg_shadows, sources[:n]):
                 shadows, srcs = [avg_shadows[i] for i in index], [sources[i] for i in index]
-                self.lerps.append(part_for(shadows, srcs, index, overlap, copied=False))
+                self.lerps += parts_for(shadows, srcs, index, overlap, copied=False)
             for index in group_positions(copy_shadows, sources[n:]):
                 at = [n + i for i in index]
                 shadows, srcs = [copy_shadows[i] for i in index], [sources[i] for i in at]
-                self.copies.append(part_for(shadows, srcs, at, overlap, copied=True))
+                self.copies += parts_for(shadows, srcs, at, overlap, copied=True)
         parts = [*self.lerps, *self.copies]
         self.offloaded = [p for p in parts if isinstance(p, Offloaded)]
         held = sorted(i for p in parts for i in p.held)
@@ -57,6 +58,12 @@ class TorchPlan(Plan):
         self.held_ptrs = [sources[i].data_ptr() for i in held]
         self.loose = sorted(set(range(len(sources))) - set(held))
         self.loose_signature = signature([sources[i] for i in self.loose])
+        # held by address alone (a native part's tensors outside runs): a new view of the same
+        # memory keeps the address, so their shapes and strides are checked at every update
+        recheck = sorted(i for p in parts if isinstance(p, Native) for i in p.recheck)
+        self.recheck: list[int] | None = recheck if len(recheck) < len(sources) else None
+        self.recheck_layout = shapes_and_strides([sources[i] for i in recheck])
+        self.rechecks = bool(recheck)
         self.generation = layout.generation
         self.checks_while_folding = fast and all(isinstance(p, Native) for p in self.lerps)
         # held runs are detached views: autograd needs switching off only for loose sources
@@ -68,10 +75,16 @@ class TorchPlan(Plan):
             return False
         try:
             if self.held is None:
-                return list(map(torch.Tensor.data_ptr, sources)) == self.held_ptrs
-            if self.held_ptrs and [sources[i].data_ptr() for i in self.held] != self.held_ptrs:
+                if list(map(torch.Tensor.data_ptr, sources)) != self.held_ptrs:
+                    return False
+            elif self.held_ptrs and [sources[i].data_ptr() for i in self.held] != self.held_ptrs:
                 return False
-            return signature([sources[i] for i in self.loose]) == self.loose_signature
+            if self.rechecks:
+                held = sources if self.recheck is None else [sources[i] for i in self.recheck]
+                if shapes_and_strides(held) != self.recheck_layout:
+                    return False
+            return not self.loose or \
+                signature([sources[i] for i in self.loose]) == self.loose_signature
         except (AttributeError, TypeError):  # an entry is no longer a tensor: validate
             return False
 
@@ -153,25 +166,36 @@ def _loop_info(role: str, shadows: Sequence[torch.Tensor], sources: Sequence[str
                      ", ".join(sorted({where(s) for s in shadows})), ", ".join(kinds))
 
 
-def part_for(shadows: list[torch.Tensor], sources: list[torch.Tensor], index: list[int],
-             overlap: bool, *, copied: bool) -> Direct | Staged | Native | Offloaded:
-    """The part for one group, by the kind of its shadows and sources.
+def parts_for(shadows: list[torch.Tensor], sources: list[torch.Tensor], index: list[int],
+              overlap: bool, *, copied: bool) -> list[Direct | Staged | Native | Offloaded]:
+    """The parts of one group, by the kind of its shadows and sources.
 
-    CPU groups the native kernels know are :class:`Native` (when they are available: see
-    :func:`emakit.backends.torch.native.status`). Copied tensors keep their dtype, and a plain
-    ``copy_`` moves them to another device, so they need no staging; only a CUDA model's
-    copies to host shadows go through the mirror.
+    CPU pairs the native kernels know form a :class:`Native` part (when they are available:
+    see :func:`emakit.backends.torch.native.status`); the others of the group (a strided view,
+    say) get torch's kernels. Copied tensors keep their dtype, and a plain ``copy_`` moves them
+    to another device, so they need no staging; only a CUDA model's copies to host shadows go
+    through the mirror.
     """
     shadow, source = shadows[0], sources[0]
     if offload.offloads(source.device, shadow.device):  # looked up here: tests may patch it
-        return Offloaded(index, shadows, sources, overlap)
-    if native_pairs(shadows, sources, copied=copied):
-        kernels = native.kernels()
-        if kernels is not None:
-            return Native(index, shadows, sources, kernels, copied=copied)
-    if copied or (shadow.dtype == source.dtype and shadow.device == source.device):
-        return Direct(index, shadows, sources)
-    return Staged(index, shadows, sources)
+        return [Offloaded(index, shadows, sources, overlap)]
+    fit = [k for k, (a, b) in enumerate(zip(shadows, sources))
+           if native_pairs([a], [b], copied=copied)]
+    kernels = native.kernels() if fit else None
+    out: list[Direct | Staged | Native | Offloaded] = []
+    if fit and kernels is not None:
+        out.append(Native([index[k] for k in fit], [shadows[k] for k in fit],
+                          [sources[k] for k in fit], kernels, copied=copied))
+    else:
+        fit = []
+    taken = set(fit)
+    rest = [k for k in range(len(shadows)) if k not in taken]
+    if rest:
+        ix = [index[k] for k in rest]
+        sh, sr = [shadows[k] for k in rest], [sources[k] for k in rest]
+        same = copied or (shadow.dtype == source.dtype and shadow.device == source.device)
+        out.append(Direct(ix, sh, sr) if same else Staged(ix, sh, sr))
+    return out
 
 
 def _largest(tops: list[float]) -> float:
