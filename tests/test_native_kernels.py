@@ -76,6 +76,15 @@ def assert_same_bits(a: dict, b: dict) -> None:
         assert same, f"{k}: max diff {(x.double() - y.double()).abs().max().item()}"
 
 
+def train_both(model, fast, eager, steps: int = 3) -> None:
+    """A few training steps, each folded into both EMAs; then their averages must be equal."""
+    for i in range(steps):
+        step(model, seed=i)
+        fast.update()
+        eager.update()
+    assert_same_bits(fast.averaged(), eager.averaged())
+
+
 @needs_compiler
 def test_the_kernels_build_here_and_say_so():
     assert native.kernels() is not None, native.status()
@@ -138,11 +147,7 @@ def test_channels_last_weights_are_bitwise_torchs(monkeypatch):
         memory_format=torch.channels_last).bfloat16()
     fast, eager = twins(monkeypatch, model, decay=0.7, dtype=torch.float32)
     assert kinds(fast) == {"native"}
-    for i in range(3):
-        step(model, seed=i)
-        fast.update()
-        eager.update()
-    assert_same_bits(fast.averaged(), eager.averaged())
+    train_both(model, fast, eager, 3)
 
 
 @needs_compiler
@@ -249,11 +254,7 @@ def test_a_new_view_of_the_same_memory_is_noticed(monkeypatch):
     fast, eager = twins(monkeypatch, model, decay=0.5)
     with torch.no_grad():
         model.p0.data = model.p0.data.t()
-    for i in range(2):
-        step(model, seed=i)
-        fast.update()
-        eager.update()
-    assert_same_bits(fast.averaged(), eager.averaged())
+    train_both(model, fast, eager, 2)
 
 
 @needs_compiler
@@ -278,11 +279,7 @@ def test_one_strided_weight_leaves_the_rest_of_its_group_native(monkeypatch):
     model.register_parameter("odd", nn.Parameter(torch.randn(8, 4)[:, ::2]))
     fast, eager = twins(monkeypatch, model, decay=0.6, policy=SKIP)
     assert sorted(g.kind for g in fast.update_plan()) == ["direct", "native"]
-    for i in range(3):
-        step(model, seed=i)
-        fast.update()
-        eager.update()
-    assert_same_bits(fast.averaged(), eager.averaged())
+    train_both(model, fast, eager, 3)
 
 
 def test_a_bad_choice_names_the_variable(monkeypatch):
