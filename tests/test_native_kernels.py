@@ -375,6 +375,27 @@ def test_without_a_compiler_torchs_kernels_are_used_or_the_reason_given(tmp_path
     assert "EMAKIT_NATIVE=auto" in strict.stderr
 
 
+def test_a_failed_build_says_why_and_warns_once(tmp_path: Path):
+    """A compiler that is there but fails (no OpenMP, say): the reason is its error line, not
+    its last one, and auto mode warns once (no compiler at all stays silent)."""
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo fake-cc 1.0; exit 0; }\n"
+                    "echo 'kernels.c:28:10: fatal error: omp.h: No such file or directory' >&2\n"
+                    "echo 'compilation terminated.' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    env = {"EMAKIT_CACHE": str(tmp_path / "cache"), "CC": str(fake)}
+    auto = run_fresh(PROBE, env)
+    assert auto.returncode == 0, auto.stderr
+    assert "could not build kernels.c: kernels.c:28:10: fatal error: omp.h" in auto.stdout
+    assert auto.stderr.count("EMAWarning: emakit's native CPU kernels are unavailable") == 1
+    strict = run_fresh(PROBE, {**env, "EMAKIT_NATIVE": "1"})
+    assert "omp.h: No such file or directory. Install a C compiler" in strict.stderr
+    silent = run_fresh(PROBE, {"EMAKIT_CACHE": str(tmp_path / "c2"), "PATH": str(tmp_path),
+                               "CC": ""})
+    assert silent.returncode == 0 and "no C compiler found" in silent.stdout
+    assert "EMAWarning" not in silent.stderr
+
+
 def test_an_unwritable_cache_falls_back_with_the_reason(tmp_path: Path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -6,18 +6,19 @@ weight into a float32 shadow without a converted copy. ``kernels.c`` (next to th
 whole group in one call, converting on the fly, with torch's rounding: the result is bitwise
 equal to ``Tensor.lerp_``, checked on every load against torch itself (but for the sign of a
 zero result at weight 1, a decay-0 update, where torch's vectorised body and scalar tail
-disagree with each other; these kernels follow the body).
+disagree with each other, and the bits of a NaN; these kernels follow the body).
 
-The first use in a process compiles ``kernels.c`` with ``cc -O3 -march=native -fopenmp`` (about
-a second) into a cache folder (``$EMAKIT_CACHE``, else ``$XDG_CACHE_HOME/emakit``, else
+The first use on a machine compiles ``kernels.c`` with ``cc -O3 -march=native -fopenmp`` (about
+a quarter of a second) into a cache folder (``$EMAKIT_CACHE``, else ``$XDG_CACHE_HOME/emakit``, else
 ``~/.cache/emakit``), keyed by the source, the compiler and the CPU; later processes load the
-cached library in milliseconds. OpenMP comes from the ``libgomp`` torch already loaded, so both
+cached library in about 15 ms. OpenMP comes from the ``libgomp`` torch already loaded, so both
 share one thread pool; the kernels use ``torch.get_num_threads()`` threads (one in a forked
 child, and one for small groups).
 
 ``EMAKIT_NATIVE`` chooses: ``auto`` (the default: native kernels where they build and pass the
-check, torch's eager kernels otherwise), ``0`` (always eager), ``1`` (native, or an error saying
-why not). :func:`status` says which is in use, and why.
+check, torch's eager kernels otherwise; a compiler that fails gives one ``EMAWarning``, a
+missing one none), ``0`` (always eager), ``1`` (native, or an error saying why not).
+:func:`status` says which is in use, and why.
 
 Example:
     >>> import torch
@@ -43,10 +44,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from emakit.errors import EMAWarning, user_stacklevel
 
 __all__ = ["KINDS", "PEAK_KINDS", "Kernels", "LerpCall", "Table", "kernels", "status"]
 
@@ -180,12 +184,20 @@ def kernels() -> Kernels | None:
             if _loaded is None and _why_not is None:
                 try:
                     _loaded = _load()
+                except _NoCompilerError as e:  # expected on such machines: no warning
+                    _why_not = str(e)
                 except _UnavailableError as e:
                     _why_not = str(e)
+                    if choice == "auto":
+                        warnings.warn(
+                            f"emakit's native CPU kernels are unavailable ({_why_not}); the "
+                            f"updates run on torch's kernels, slower on models with many "
+                            f"tensors or bf16 weights. EMAKIT_NATIVE=0 silences this.",
+                            EMAWarning, stacklevel=user_stacklevel())
     if _loaded is None and choice == "1":
         raise RuntimeError(f"EMAKIT_NATIVE=1, but emakit's native kernels are unavailable: "
-                           f"{_why_not}. Install a C compiler with OpenMP (gcc), or set "
-                           f"EMAKIT_NATIVE=auto to use torch's kernels.")
+                           f"{str(_why_not).rstrip('.')}. Install a C compiler with OpenMP "
+                           f"(gcc), or set EMAKIT_NATIVE=auto to use torch's kernels.")
     return _loaded
 
 
@@ -215,9 +227,13 @@ class _UnavailableError(Exception):
     """The native kernels cannot be built or loaded here (the message says why)."""
 
 
+class _NoCompilerError(_UnavailableError):
+    """No C compiler, or a platform the kernels are not built on: torch's kernels, silently."""
+
+
 def _load() -> Kernels:
     if sys.platform not in ("linux", "darwin"):
-        raise _UnavailableError(f"built only on Linux and macOS (this is {sys.platform})")
+        raise _NoCompilerError(f"built only on Linux and macOS (this is {sys.platform})")
     compiler = _compiler()
     path = _cache_dir() / f"kernels-{_key(compiler)}.so"
     if not path.exists():
@@ -244,7 +260,7 @@ def _compiler() -> list[str]:
             raise _UnavailableError(f"CC={given!r} cannot be split into words: {e}") from None
     found = shutil.which("cc") or shutil.which("gcc")
     if found is None:
-        raise _UnavailableError("no C compiler found (cc, gcc, or $CC)")
+        raise _NoCompilerError("no C compiler found (cc, gcc, or $CC)")
     return [found]
 
 
@@ -351,11 +367,21 @@ def _build(compiler: list[str], path: Path) -> None:
                     raise _UnavailableError(f"cannot put the built kernels at {path}: {e} "
                                             f"(set EMAKIT_CACHE to a folder of your own)") from None
                 return
-        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise _UnavailableError(f"{name} could not build {_SOURCE.name}: {last}")
+        raise _UnavailableError(f"{name} could not build {_SOURCE.name}: "
+                                f"{_first_error(done.stderr)}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _first_error(log: str) -> str:
+    """The line of a compiler's output that says what went wrong (``omp.h: No such file``),
+    not the last one (``compilation terminated.``)."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for line in lines:
+        if "error" in line.lower():
+            return line
+    return lines[0] if lines else "(no message)"
 
 
 def _check_one_openmp() -> None:
