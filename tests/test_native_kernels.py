@@ -259,8 +259,9 @@ def test_a_new_view_of_the_same_memory_is_noticed(monkeypatch):
 
 @needs_compiler
 def test_weights_replaced_by_to_are_freed_at_once(monkeypatch):
-    """A plan keeps no reference to the memory of weights outside flattened runs: after
-    ``model.to(torch.bfloat16)`` the old fp32 weights are freed before the next update."""
+    """A plan keeps no reference to the memory of weights outside flattened runs (so that
+    ``model.to(torch.bfloat16)`` frees the old fp32 weights at once): a weight's storage has as
+    many users under an EMA on the native kernels as under one on torch's."""
     counts = {}
     for choice in ("1", "0"):
         monkeypatch.setenv("EMAKIT_NATIVE", choice)

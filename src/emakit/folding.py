@@ -198,8 +198,7 @@ class Guarded(Folding):
         if not self.bound <= limit:
             return False
         checked = plan.guarded_lerp_(sources, 1.0 - tick.decay, limit)
-        if checked is None:
-            return False
+        assert checked is not None  # checks_while_folding says it has the kernel
         left, top = checked
         t = self.tracked
         done = np.ones(len(t.avg_shadows), dtype=bool)

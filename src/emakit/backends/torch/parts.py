@@ -20,7 +20,7 @@ from emakit.backends.torch import layout
 from emakit.backends.torch.layout import find_runs, pairable, region, where
 from emakit.backends.torch.native import KINDS, PEAK_KINDS, Kernels, Table
 
-__all__ = ["Direct", "Native", "Part", "Staged", "copy_all", "native_pairs"]
+__all__ = ["Direct", "Native", "Part", "Staged", "copy_all", "native_pair"]
 
 
 class Part:
@@ -158,20 +158,13 @@ class Staged(Part):
 
 
 
-def native_pairs(shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], *,
-                 copied: bool) -> bool:
-    """Can the native kernels update this group? CPU tensors, elementwise the same layout, and
+def native_pair(shadow: torch.Tensor, src: torch.Tensor, *, copied: bool) -> bool:
+    """Can the native kernels update this pair? CPU tensors, elementwise the same layout, and
     a dtype pair they know (copies: the same dtype)."""
-    cpu = torch.device("cpu")
-    for shadow, src in zip(shadows, sources):
-        if shadow.device != cpu or src.device != cpu or not pairable(shadow, src) or \
-                src.is_neg() or src.is_conj():
-            return False
-        if copied and shadow.dtype != src.dtype:
-            return False
-        if not copied and (shadow.dtype, src.dtype) not in KINDS:
-            return False
-    return bool(shadows)
+    if shadow.device.type != "cpu" or src.device.type != "cpu" or not pairable(shadow, src) \
+            or src.is_neg() or src.is_conj():
+        return False
+    return shadow.dtype == src.dtype if copied else (shadow.dtype, src.dtype) in KINDS
 
 
 class Native(Part):
@@ -179,8 +172,8 @@ class Native(Part):
 
     The call's tables of addresses are laid out once; every tensor has its entry (the guard
     skips tensor by tensor). Before each call the plan checks every source's address, and the
-    layout (shape, strides, dtype) of those not in a run (:attr:`recheck`): a new view of the
-    same memory is noticed as a moved tensor is. The memory of runs (a flattened module) is
+    shape and strides of those not in a run (:attr:`recheck`): a new view of the same memory is
+    noticed as a moved tensor is. The memory of runs (a flattened module) is
     kept alive by the part, as for :class:`Direct`; that of other sources is not (a model
     converted with ``.to()`` frees its old weights at once).
     """
@@ -201,7 +194,6 @@ class Native(Part):
         self.stretches = len(runs) + sum(1 for k in loose if shadows[k].numel())
         in_run = {index[k] for run in runs for k in run}
         self.recheck = [i for i in self.held if i not in in_run]
-        self.index, self.own_shadows = index, shadows
         self.kernels = kernels
         self.dtype = sources[0].dtype
         self.copied = copied
@@ -224,12 +216,8 @@ class Native(Part):
             self.call((weight,))
 
     def copy_(self, sources: Sequence[torch.Tensor]) -> None:
-        if self.copied:
-            self.kernels.copy(self.shadow_table, self.source_table)
-        else:  # the shadows as allocated, paired with the sources in their own shapes
-            positions = {i: k for k, i in enumerate(self.index)}
-            order = self.held + self.loose
-            copy_all([self.own_shadows[positions[i]] for i in order], self.sources(sources))
+        assert self.copied  # a plan copies through its copy parts only; internal invariant
+        self.kernels.copy(self.shadow_table, self.source_table)
 
     def describe(self, role: str) -> GroupInfo:
         return super().describe(role)._replace(runs=self.stretches, loose=0)

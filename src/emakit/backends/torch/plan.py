@@ -19,7 +19,7 @@ from emakit.backends.base import GroupInfo, Plan
 from emakit.backends.torch import layout, native, offload
 from emakit.backends.torch.layout import group_positions, shapes_and_strides, signature, where
 from emakit.backends.torch.offload import Offloaded
-from emakit.backends.torch.parts import Direct, Native, Staged, native_pairs
+from emakit.backends.torch.parts import Direct, Native, Staged, native_pair
 from emakit.backends.torch.readback import peaks
 
 __all__ = ["TorchPlan", "parts_for"]
@@ -180,7 +180,7 @@ def parts_for(shadows: list[torch.Tensor], sources: list[torch.Tensor], index: l
     if offload.offloads(source.device, shadow.device):  # looked up here: tests may patch it
         return [Offloaded(index, shadows, sources, overlap)]
     fit = [k for k, (a, b) in enumerate(zip(shadows, sources))
-           if native_pairs([a], [b], copied=copied)]
+           if native_pair(a, b, copied=copied)]
     kernels = native.kernels() if fit else None
     out: list[Direct | Staged | Native | Offloaded] = []
     if fit and kernels is not None:
